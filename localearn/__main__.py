@@ -1,0 +1,3 @@
+from localearn.cli import main
+
+raise SystemExit(main())

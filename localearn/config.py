@@ -1,0 +1,120 @@
+"""One pydantic model for a training run, validated before anything runs.
+
+Load it from TOML or YAML (`load_config`), override it with command-line flags
+(`make_config`); every invalid value becomes a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from localearn import registry
+from localearn.errors import UserError
+
+
+class FitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rule: str = Field("dgl", description="rule expression, e.g. 'mlaan(dgl, k=3)'")
+    model: str = "resnet32"
+    k: int | None = Field(None, ge=1, description="number of local modules (default: the rule's)")
+    split: str = Field("even", description="how units are grouped into K modules")
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    download: bool = False
+    train_limit: int | None = Field(None, ge=1, description="use only the first N train images")
+    test_limit: int | None = Field(None, ge=1, description="use only the first N test images")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="linear warm-up before the cosine decay (default 5% of the run)")
+    warmup_lr: float = Field(0.01, ge=0, description="lr at the start of the warm-up")
+    device: str = "auto"
+    seed: int = 0
+    workers: int = Field(0, ge=0)
+    output_dir: Path = Path("runs/latest")
+    progress: bool = True
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        known = registry.available("dataset")
+        if v not in known:
+            raise ValueError(f"unknown dataset {v!r}; registered datasets: {', '.join(known)}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        known = registry.available("model")
+        if v not in known:
+            raise ValueError(f"unknown model {v!r}; registered models: {', '.join(known)}")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _existing_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"data directory {str(v)!r} does not exist")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+            raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_inside_run(self) -> FitConfig:
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
+                             f"({self.epochs})")
+        return self
+
+
+ConfigFormat = Literal["toml", "yaml"]
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict (validated later, with any overrides)."""
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config file {str(path)!r}: unknown format; valid: .toml, .yaml, "
+                            ".yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"config file {str(path)!r} is not valid: {first}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a table of settings")
+    return data.get("fit", data)
+
+
+def make_config(file: Path | None = None, **overrides: Any) -> FitConfig:
+    """The validated config: the file's values, then every override that is not None."""
+    data = load_config(file) if file is not None else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return FitConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if err["loc"] and "input" in err else ""
+        raise UserError(f"invalid {where}: {msg}{got}") from None

@@ -1,0 +1,1 @@
+"""Backbones that ship with localearn (registered through the ``localearn.models`` group)."""
