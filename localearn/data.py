@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from localearn.errors import UserError
@@ -159,3 +159,22 @@ def cifar10_shards(data_dir: Path | None = None, *, download: bool = False,
     info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD)
     return DataSplits(TensorImages(train_x, train_y, train_tf),
                       TensorImages(test_x, test_y, test_tf), info)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 0,
+                seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The loader for a split. Map-style sets are shuffled (train) by a seeded generator, or
+    sharded with a DistributedSampler when ``world_size > 1``; an `IterableDataset` shuffles and
+    shards itself. The engine calls ``set_epoch(epoch)`` on the sampler or dataset if present."""
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                          drop_last=train)
+    sampler = None
+    if world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size,
+                                                      rank=rank, shuffle=train, seed=seed)
+    elif train:
+        sampler = torch.utils.data.RandomSampler(
+            dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=train and len(dataset) > batch_size * world_size)

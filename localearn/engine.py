@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from localearn import expr, registry
 from localearn.config import FitConfig
-from localearn.data import DataSplits
+from localearn.data import DataSplits, make_loader
 from localearn.errors import UserError
 from localearn.interfaces import LocalModuleSplitter, SplitNetwork, UpdateRule
 
@@ -135,12 +135,10 @@ class Trainer:
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov and cfg.momentum > 0,
                                          weight_decay=cfg.weight_decay)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        self.train_loader = DataLoader(self.data.train, batch_size=cfg.batch_size, shuffle=True,
-                                       drop_last=len(self.data.train) > cfg.batch_size,
-                                       num_workers=cfg.workers, generator=generator)
-        self.test_loader = DataLoader(self.data.test, batch_size=max(256, cfg.batch_size),
-                                      num_workers=cfg.workers)
+        self.train_loader = make_loader(self.data.train, batch_size=cfg.batch_size, train=True,
+                                        workers=cfg.workers, seed=cfg.seed)
+        self.test_loader = make_loader(self.data.test, batch_size=max(256, cfg.batch_size),
+                                       train=False, workers=cfg.workers)
         steps = len(self.train_loader)
         self.total_steps = steps * cfg.epochs
         warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.05 * cfg.epochs
@@ -160,6 +158,9 @@ class Trainer:
         loss_sum = correct = seen = 0.0
         local_sum: list[float] = []
         start = time.perf_counter()
+        for owner in (self.train_loader.sampler, self.data.train):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
                    disable=not self.cfg.progress, dynamic_ncols=True)
         for images, targets in bar:

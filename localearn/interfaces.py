@@ -14,7 +14,7 @@ The network the rule trains is a `SplitNetwork`: K gradient-isolated local modul
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -183,6 +183,25 @@ class UpdateRule(ABC):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: set by the engine: scales a loss before backward (fp16 gradient scaling); None = as is
+    loss_scale: Callable[[Tensor], Tensor] | None = None
+    #: set by the engine: told when a group of parameters has its final gradient for this step
+    #: (multi-GPU training starts their all-reduce then); None = nobody listens
+    grads_ready: Callable[[list[nn.Parameter]], None] | None = None
+
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """Back-propagate one loss; rules call this rather than ``loss.backward()``."""
+        (self.loss_scale(loss) if self.loss_scale else loss).backward(retain_graph=retain_graph)
+
+    def notify_grads_ready(self, params: list[nn.Parameter]) -> None:
+        """Rules call this once ``params`` will receive no more gradient in this step."""
+        if self.grads_ready is not None:
+            self.grads_ready(params)
+
+    def aux_groups(self, aux: nn.Module) -> dict[str, nn.Module]:
+        """The auxiliary module returned by `setup`, split by role for memory reports
+        (``heads``, ``copies``, ``twins``...); the default counts everything as heads."""
+        return {"heads": aux}
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
         """The K to train with, given the user's request (None: the rule's default)."""
@@ -239,7 +258,12 @@ class LocalRule(UpdateRule):
 
     def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
         local: list[float] = []
-        for loss, out in self.losses(net, images, targets):
-            loss.backward()
+        for i, (loss, out) in enumerate(self.losses(net, images, targets)):
+            self.backward(loss)
             local.append(loss.item())
-        return StepResult(loss=local[-1], logits=out.detach(), local_losses=local[:-1])
+            logits = out
+            params = list(net.local_modules[i].parameters())
+            if i < len(self.heads):
+                params += list(self.heads[i].parameters())
+            self.notify_grads_ready(params)
+        return StepResult(loss=local[-1], logits=logits.detach(), local_losses=local[:-1])

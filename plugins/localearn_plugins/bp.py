@@ -23,5 +23,6 @@ class BP(UpdateRule):
     def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
         logits = net(images)
         loss = nn.functional.cross_entropy(logits, targets)
-        loss.backward()
+        self.backward(loss)
+        self.notify_grads_ready(list(net.parameters()))
         return StepResult(loss=loss.item(), logits=logits.detach())
