@@ -1,0 +1,54 @@
+"""The CLI end to end, in subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "localearn", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_fit_end_to_end_writes_metrics_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run("fit", "--rule", "dgl", "--k", "4", "--epochs", "2", "--train-limit", "128",
+            "--test-limit", "64", "--batch-size", "32", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "epoch 2/2" in r.stdout and "test acc" in r.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert len(rows[0]["local_losses"]) == 3  # K=4: three auxiliary losses
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["k"] == 4
+
+
+def test_listings():
+    rules = run("rules")
+    assert rules.returncode == 0 and "dgl" in rules.stdout and "bp" in rules.stdout
+    models = run("models")
+    assert "resnet32" in models.stdout and "55 units" in models.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "--rule", "nope"], "unknown rule 'nope'; registered rules:"),
+    (["fit", "--rule", "dgl(width=wide)"], "bad value 'wide' for option 'width'"),
+    (["fit", "--rule", "dgl(depth=2)"], "unknown option 'depth' for rule 'dgl'"),
+    (["fit", "--rule", "dgl((("], "malformed rule expression"),
+    (["fit", "--k", "17"], "K=17 is out of range for model 'resnet32': valid K is 1..16"),
+    (["fit", "--rule", "bp", "--k", "4"], "rule 'bp' trains end to end, so K must be 1"),
+    (["fit", "--lr", "-1"], "invalid lr: Input should be greater than 0"),
+    (["fit", "--dataset", "imagenet1k"], "unknown dataset 'imagenet1k'"),
+    (["fit", "--data-dir", "/no/such"], "data directory '/no/such' does not exist"),
+    (["fit", "--dataset", "cifar10"], "CIFAR-10 not found: looked for"),
+    (["fit", "--epochs", "many"], "invalid int value: 'many'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
+    r = run(*args, "--output-dir", str(tmp_path)) if args[0] == "fit" else run(*args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr
