@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in ("rule", "model", "dataset"):
         p = sub.add_parser(f"{kind}s", help=f"list the registered {kind}s")
         p.set_defaults(func=_listing(kind))
+    from localearn.measure_cli import add_commands as add_measure_commands
+
+    add_measure_commands(sub)  # memory, bench
     return parser
 
 

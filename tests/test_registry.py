@@ -39,42 +39,18 @@ def test_engine_imports_only_the_plugin_it_is_asked_for(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-THIRD_PARTY = '''
-from torch import nn
-from localearn import AuxHead, LocalRule
-
-
-class ProbeHead(AuxHead):
-    """Global average pooling and a linear probe."""
-
-    def __init__(self, shape, info):
-        super().__init__(shape, info)
-        self.fc = nn.Linear(shape[0], info.num_classes)
-
-    def loss(self, features, targets, images):
-        return nn.functional.cross_entropy(self.fc(features.mean((2, 3))), targets)
-
-
-class Probe(LocalRule):
-    """A third party's rule: a linear probe per module."""
-
-    def make_head(self, index, num_modules, shape, info):
-        return ProbeHead(shape, info)
-'''
-
-
 def test_rule_from_a_throwaway_distribution_trains(tmp_path, monkeypatch):
+    # The package is examples/probe_rule; its metadata is a throwaway dist-info in tmp_path.
     site = tmp_path / "site"
-    (site / "probe_rule").mkdir(parents=True)
-    (site / "probe_rule" / "__init__.py").write_text(THIRD_PARTY)
     dist = site / "probe_rule-0.1.dist-info"
-    dist.mkdir()
+    dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-rule\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[localearn.rules]\nprobe = probe_rule:Probe\n")
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "probe_rule"))
     monkeypatch.syspath_prepend(str(site))
     assert "probe" in registry.available("rule")
-    assert ("probe", "A third party's rule: a linear probe per module.") in \
-        registry.listing("rule")
+    assert ("probe", "greedy local learning with a linear probe per module (third-party "
+                     "example)") in registry.listing("rule")
     cfg = make_config(rule="probe", k=4, epochs=2, train_limit=256, test_limit=100,
                       batch_size=32, lr=0.05, progress=False, output_dir=tmp_path / "run")
     result = fit(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from timm.models import register_model
 from torch import Tensor, nn
 
+from localearn.errors import UserError
 from localearn.interfaces import LocalModuleSplitter
 
 __all__ = ["BasicBlock", "CifarResNet", "CifarResNetSplitter", "resnet32", "resnet110"]
@@ -95,3 +96,72 @@ class CifarResNetSplitter(LocalModuleSplitter):
     def classifier(self, backbone: nn.Module) -> nn.Module:
         assert isinstance(backbone, CifarResNet)
         return backbone.head
+
+    def cuts(self, num_units: int, k: int, policy: str = "even") -> list[int]:
+        """``even`` (the base class's) or ``balanced``: InfoPro*'s memory-balanced split. It
+        gives the published ResNet-110 cut points for K=2, 3, 4 and otherwise the split that
+        minimises the largest module's activation memory (see `balanced_cuts`)."""
+        if policy != "balanced":
+            if policy != "even":
+                raise UserError(f"unknown split policy {policy!r} for CIFAR ResNets; valid: "
+                                "even, balanced")
+            return super().cuts(num_units, k, policy)
+        if k in BALANCED_PRESETS.get(num_units, {}):
+            return list(BALANCED_PRESETS[num_units][k])
+        return balanced_cuts(unit_costs(num_units), k)
+
+
+#: InfoPro*'s published memory-balanced cuts (unit index where each module starts, the stem is
+#: unit 0), by unit count and K: ResNet-110 only, from the public InfoPro code's configs.
+BALANCED_PRESETS: dict[int, dict[int, tuple[int, ...]]] = {
+    55: {2: (16,), 3: (11, 22), 4: (8, 16, 28)},
+}
+
+
+def unit_costs(num_units: int) -> list[int]:
+    """Relative activation size (C*H*W of the output) of each unit of a CIFAR ResNet with
+    ``num_units`` units: 4 for the stem and stage 1 (16x32x32), 2 for stage 2, 1 for stage 3."""
+    n, rest = divmod(num_units - 1, 3)
+    if rest or n < 1:
+        raise UserError(f"{num_units} units is not a CIFAR ResNet (1 + 3n units expected)")
+    return [4] * (1 + n) + [2] * n + [1] * n
+
+
+def balanced_cuts(costs: list[int], k: int) -> list[int]:
+    """Cuts grouping units with ``costs`` into ``k`` modules so that the costliest module is as
+    cheap as possible; among such splits, the one whose cuts come earliest (later modules take
+    as many of the cheap late units as the bound allows)."""
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise UserError(f"K={k} is out of range: valid K is 1..{n}")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    bounds = sorted({prefix[b] - prefix[a] for a in range(n) for b in range(a + 1, n + 1)})
+    lo, hi = 0, len(bounds) - 1  # the total cost (bounds[-1]) is always feasible
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _pack_from_back(costs, k, bounds[mid]) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    found = _pack_from_back(costs, k, bounds[lo])
+    assert found is not None
+    return found
+
+
+def _pack_from_back(costs: list[int], k: int, limit: int) -> list[int] | None:
+    """Fill modules K-1, K-2, ... with as many units as fit under ``limit``, leaving at least
+    one unit per earlier module; the module start indices, or None when ``limit`` is too low."""
+    starts: list[int] = []
+    end = len(costs)
+    for m in range(k - 1, 0, -1):
+        start, total = end, 0
+        while start - 1 >= m and total + costs[start - 1] <= limit:
+            start -= 1
+            total += costs[start]
+        if start == end:
+            return None
+        starts.append(start)
+        end = start
+    return starts[::-1] if sum(costs[:end]) <= limit else None

@@ -1,0 +1,94 @@
+"""The ``localearn memory`` and ``localearn bench`` subcommands (logic in `localearn.measure`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--rule", default="dgl", help="rule expression (default: dgl)")
+    p.add_argument("--model", default="resnet32", help="registered model (default: resnet32)")
+    p.add_argument("--k", type=int, help="number of local modules K (default: the rule's)")
+    p.add_argument("--split", default="even", help="how units are grouped into modules")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per step (default: {batch_size})")
+    p.add_argument("--input-size", type=int, default=32,
+                   help="height and width of the synthetic square input (default: 32)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vs-k", type=int,
+                   help="K of the baseline (default: --k if the baseline accepts it, else its "
+                        "own default)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _spec(args: argparse.Namespace):
+    from localearn.measure import make_spec
+
+    return make_spec(rule=args.rule, model=args.model, k=args.k, split=args.split,
+                     batch_size=args.batch_size, input_size=args.input_size,
+                     num_classes=args.num_classes, device=args.device, seed=args.seed)
+
+
+def _progress(args: argparse.Namespace):
+    if args.json:
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+def _vs(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from localearn.errors import UserError
+    from localearn.measure import format_memory, memory_report
+
+    if args.steps < 1:
+        raise UserError(f"invalid --steps: must be >= 1 (got {args.steps})")
+    report = memory_report(_spec(args), vs=_vs(args.vs), vs_k=args.vs_k, steps=args.steps,
+                           progress=_progress(args))
+    print(json.dumps(report.model_dump(mode="json"), indent=2) if args.json
+          else format_memory(report))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localearn.measure import bench, format_bench
+
+    report = bench(_spec(args), vs=_vs(args.vs), vs_k=args.vs_k, warmup=args.warmup,
+                   steps=args.steps, progress=_progress(args))
+    print(json.dumps(report.model_dump(mode="json"), indent=2) if args.json
+          else format_bench(report))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add ``memory`` and ``bench`` to the ``localearn`` command's subparsers."""
+    mem = subparsers.add_parser(
+        "memory", help="peak training memory and bytes by role (each run in a fresh process)",
+        description="Run real training steps on synthetic data and report parameter bytes by "
+                    "role, gradient and optimizer-state bytes and the peak training memory "
+                    "(CUDA: max_memory_allocated; CPU: profiler allocation events, with the "
+                    "process's peak RSS beside it). Every configuration runs in a fresh process.")
+    _common(mem, batch_size=128)
+    mem.add_argument("--vs", default="none",
+                     help="baseline rule measured on the same model and batch, e.g. bp "
+                          "(default: none)")
+    mem.add_argument("--steps", type=int, default=2, help="training steps (default: 2)")
+    mem.set_defaults(func=cmd_memory)
+
+    b = subparsers.add_parser(
+        "bench", help="step time, images/s and FLOPs of a rule against a baseline",
+        description="Time a rule and a baseline interleaved in one process after a warm-up "
+                    "(A B A B ...), report median step time, images/s, FLOPs per image "
+                    "(FlopCounterMode) and achieved FLOP/s, with the ratios.")
+    _common(b, batch_size=128)
+    b.add_argument("--vs", default="bp", help="baseline rule, or none (default: bp)")
+    b.add_argument("--warmup", type=int, default=2, help="warm-up steps each (default: 2)")
+    b.add_argument("--steps", type=int, default=10,
+                   help="timed steps each, interleaved (default: 10)")
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,298 @@
+"""InfoPro (Wang et al., ICLR 2021): each local module keeps the information of its input.
+
+Module i (i < K-1) is trained by ``ixx_i * reconstruction + ixy_i * task``: a decoder rebuilds
+the (de-normalised) input image from the module's output under binary cross-entropy, and a
+``1c2f`` classifier head scores the output with the supervised contrastive loss (``contrast``,
+InfoPro's default) or cross-entropy (``ce``, the paper's "InfoPro (Softmax)"). Both weights
+ramp linearly from module 0 (``ixx_1``, ``ixy_1``) to module K-2 (``ixx_2``, ``ixy_2``); the
+last module is trained by the backbone's own classifier, as in every local rule.
+
+Weights the user leaves out come from the public InfoPro settings for the model and K
+(`DEFAULTS`). A head whose weight is 0 is not built at all, so it holds no idle parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from localearn.errors import UserError
+from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
+from localearn.models.cifar_resnet import BALANCED_PRESETS
+
+LossMode = Literal["contrast", "ce"]
+DecoderKind = Literal["auto", "upsample", "progressive"]
+
+#: (ixx_1, ixx_2, ixy_1, ixy_2) of the public InfoPro scripts on CIFAR-10, by model and K.
+#: ``resnet110*`` is InfoPro* (the memory-balanced split). K=2 has one head, so only the
+#: ``_1`` values matter there.
+DEFAULTS: dict[str, dict[int, tuple[float, float, float, float]]] = {
+    "resnet32": {2: (5, 5, 1, 1), 4: (6, 1, 0, 2), 8: (5, 0, 0, 2), 16: (5, 0.2, 0.05, 0.5)},
+    "resnet110": {2: (5, 5, 0.5, 0.5), 4: (1, 0, 0, 1), 8: (5, 0, 0, 1), 16: (5, 0.5, 0, 1)},
+    "resnet110*": {2: (5, 5, 0.1, 0.1), 3: (5, 5, 0, 0.1), 4: (5, 5, 0, 0.1)},
+}
+#: the table used for a backbone InfoPro published no settings for
+FALLBACK_MODEL = "resnet110"
+
+
+def supcon_loss(features: Tensor, targets: Tensor, temperature: float = 0.07) -> Tensor:
+    """Single-view supervised contrastive loss (Khosla et al. 2020) as InfoPro uses it.
+
+    ``features`` (N, D) are L2-normalised here. For anchor i, with positives P(i) (the other
+    samples of its class) and A(i) (every other sample)::
+
+        l_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{a in A(i)} exp(z_i.z_a/t) )
+
+    and the loss is the mean of l_i over all N anchors. An anchor whose class has no other
+    sample in the batch contributes 0 but still counts in the mean, as in the public code.
+    """
+    z = F.normalize(features.float(), dim=1)
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (targets.view(-1, 1) == targets.view(1, -1)) & ~eye
+    count = positive.sum(1).clamp(min=1)
+    mean_log_pos = log_prob.masked_fill(~positive, 0.0).sum(1) / count
+    return -mean_log_pos.mean()
+
+
+class Decoder(nn.Module):
+    """Rebuilds the image from a feature map; ``forward`` gives logits at the requested size.
+
+    ``upsample`` (InfoPro on CIFAR/STL-10): bilinear upsampling to the image size, conv3x3 to
+    12*widen channels, BN, ReLU, conv3x3 to the image's channels. ``progressive`` (InfoPro's
+    ImageNet decoder, generalised): a 1x1 conv to min(C, 128*widen) channels, then repeated
+    x2 upsampling with a conv3x3 that quarters the width (never below 12*widen) until the image
+    size, then conv3x3 to the image's channels; for 512x28x28 features and 224x224 images this
+    is exactly the published 512-128-32-12-3 decoder. ``auto`` picks ``upsample`` for C <= 64
+    on images up to 96 pixels, ``progressive`` otherwise (upsampling a wide map to full
+    resolution first would cost C*H*W activations per image). The sigmoid lives in the loss.
+    """
+
+    def __init__(self, shape: Shape, image_shape: tuple[int, int, int], widen: float = 1.0,
+                 kind: DecoderKind = "auto") -> None:
+        super().__init__()
+        c, h, _ = shape
+        out = image_shape[0]
+        small = _scaled(12, widen)
+        if kind == "auto":
+            kind = "upsample" if c <= 64 and max(image_shape[1:]) <= 96 else "progressive"
+        self.kind = kind
+        if kind == "upsample":
+            self.pre: nn.Module = nn.Identity()
+            self.steps = nn.ModuleList()
+            self.out = nn.Sequential(*_conv_bn_relu(c, small, 3),
+                                     nn.Conv2d(small, out, 3, padding=1))
+            return
+        width = min(c, _scaled(128, widen))
+        self.pre = nn.Sequential(*_conv_bn_relu(c, width, 1))
+        ups = max(1, math.ceil(math.log2(max(1.0, image_shape[1] / h))))
+        steps: list[nn.Module] = []
+        for _ in range(ups - 1):
+            nxt = max(small, width // 4)
+            steps.append(nn.Sequential(*_conv_bn_relu(width, nxt, 3)))
+            width = nxt
+        self.steps = nn.ModuleList(steps)
+        self.out = nn.Conv2d(width, out, 3, padding=1)
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        x = self.pre(features)
+        for step in self.steps:  # progressive only: x2 then conv, the last x2 goes to ``size``
+            x = step(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        return self.out(x)
+
+
+def _scaled(width: int, widen: float) -> int:
+    return max(1, int(width * widen))
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1,
+                  bias: bool = True) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=bias), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+HEAD_PATTERN = re.compile(r"([0-9])c([1-9])f")
+
+
+def make_classifier(channels: int, out: int, config: str = "1c2f", widen: float = 1.0,
+                    hidden: int = 128) -> nn.Sequential:
+    """InfoPro's auxiliary classifier ``<n>c<m>f``: n conv3x3-BN-ReLU, global average pooling,
+    m linear layers (hidden width ``hidden*widen``, ReLU between) ending in ``out`` units.
+
+    The first conv has stride 2 and doubles the width while C < 64 (16 -> 32, 32 -> 64 on
+    CIFAR), else stride 1 at C; further convs keep width and size. Conv widths and the hidden
+    width scale with ``widen``. ``1c2f`` is InfoPro's default, ``0c1f`` its "greedy SL" head.
+    """
+    match = HEAD_PATTERN.fullmatch(config)
+    if match is None:
+        raise ValueError(f"head must look like 1c2f (<convs>c<linear layers>f), got {config!r}")
+    convs, fcs = int(match[1]), int(match[2])
+    layers: list[nn.Module] = []
+    width = channels
+    for i in range(convs):
+        stride = 2 if i == 0 and channels < 64 else 1
+        nxt = _scaled(2 * channels if stride == 2 else channels, widen) if i == 0 else width
+        layers += _conv_bn_relu(width, nxt, 3, stride, bias=False)
+        width = nxt
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    hid = _scaled(hidden, widen)
+    for _ in range(fcs - 1):
+        layers += [nn.Linear(width, hid), nn.ReLU(inplace=True)]
+        width = hid
+    layers.append(nn.Linear(width, out))
+    return nn.Sequential(*layers)
+
+
+class InfoProHead(AuxHead):
+    """One module's InfoPro head: ``loss = ixx * reconstruction + ixy * task``.
+
+    ``decoder`` exists only when ixx > 0 and ``classifier`` only when ixy > 0. The task term
+    is the supervised contrastive loss on a ``feature_dim``-d normalised projection
+    (``contrast``) or cross-entropy on class logits (``ce``).
+    """
+
+    def __init__(self, shape: Shape, info: DataInfo, ixx: float, ixy: float,
+                 loss: LossMode = "contrast", head: str = "1c2f", widen: float = 1.0,
+                 feature_dim: int = 128, temperature: float = 0.07,
+                 decoder: DecoderKind = "auto") -> None:
+        super().__init__(shape, info)
+        if ixx < 0 or ixy < 0 or ixx + ixy == 0:
+            raise ValueError(f"need ixx >= 0, ixy >= 0 and not both 0 (got {ixx}, {ixy})")
+        self.ixx, self.ixy = float(ixx), float(ixy)
+        self.mode, self.temperature = loss, temperature
+        self.decoder = Decoder(shape, info.input_shape, widen, decoder) if ixx > 0 else None
+        out = feature_dim if loss == "contrast" else info.num_classes
+        self.classifier = (make_classifier(shape[0], out, head, widen, feature_dim)
+                           if ixy > 0 else None)
+
+    def target(self, images: Tensor) -> Tensor:
+        """What the decoder must rebuild: the input image de-normalised, in [0, 1]."""
+        return self.info.denormalize(images.detach())
+
+    def reconstruct(self, features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """The decoder's image (after the sigmoid), at ``size`` (default: the data's size)."""
+        if self.decoder is None:
+            raise RuntimeError("this head has ixx = 0 and no decoder")
+        return torch.sigmoid(self.decoder(features, size or self.info.input_shape[1:]))
+
+    def reconstruction_loss(self, features: Tensor, images: Tensor) -> Tensor:
+        """Mean binary cross-entropy between the decoder's image and `target`; computed from
+        logits, which is exact and safe under autocast."""
+        assert self.decoder is not None
+        logits = self.decoder(features, tuple(images.shape[-2:]))
+        return F.binary_cross_entropy_with_logits(logits.float(), self.target(images).float())
+
+    def task_loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Supervised contrastive loss or cross-entropy of the classifier head."""
+        assert self.classifier is not None
+        out = self.classifier(features)
+        if self.mode == "contrast":
+            return supcon_loss(out, targets, self.temperature)
+        return F.cross_entropy(out.float(), targets)
+
+    def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        total = features.new_zeros((), dtype=torch.float32)
+        if self.decoder is not None:
+            total = total + self.ixx * self.reconstruction_loss(features, images)
+        if self.classifier is not None:
+            total = total + self.ixy * self.task_loss(features, targets)
+        return total
+
+
+def ramp(first: float, last: float, index: int, num_modules: int) -> float:
+    """Linear from ``first`` at module 0 to ``last`` at module K-2 (``first`` when K=2)."""
+    r = index / (num_modules - 2) if num_modules > 2 else 0.0
+    return first * (1 - r) + last * r
+
+
+def identify(net: SplitNetwork) -> str | None:
+    """The `DEFAULTS` key for ``net``: CIFAR ResNet-32/110 by unit count and stem width, and
+    ``resnet110*`` when a ResNet-110 is cut at InfoPro*'s published cuts; else None."""
+    if not net.unit_shapes or net.unit_shapes[0][0] != 16:
+        return None
+    model = {16: "resnet32", 55: "resnet110"}.get(len(net.units))
+    cuts = tuple(r.start for r in net.unit_ranges[1:])
+    if model and BALANCED_PRESETS.get(len(net.units), {}).get(net.k) == cuts:
+        return model + "*"
+    return model
+
+
+class InfoPro(LocalRule):
+    """InfoPro: decoder + contrastive (or CE) head per module, weights ramped over depth.
+
+    Options (any left out takes the public InfoPro value for the model and K, `DEFAULTS`):
+    ``loss`` contrast|ce; ``ixx_1``/``ixx_2`` reconstruction weight of module 0 / K-2;
+    ``ixy_1``/``ixy_2`` task weight; ``head`` classifier config (``1c2f``); ``widen`` head
+    width factor; ``feature_dim`` projection and hidden width; ``temperature`` for SupCon;
+    ``decoder`` auto|upsample|progressive.
+    """
+
+    name = "infopro"
+    description = ("InfoPro: image reconstruction + supervised contrastive head per module, "
+                   "linearly ramped weights (ICLR 2021)")
+
+    def __init__(self, loss: LossMode = "contrast", ixx_1: float | None = None,
+                 ixx_2: float | None = None, ixy_1: float | None = None,
+                 ixy_2: float | None = None, head: str = "1c2f", widen: float = 1.0,
+                 feature_dim: int = 128, temperature: float = 0.07,
+                 decoder: DecoderKind = "auto") -> None:
+        super().__init__()
+        for key, value in (("ixx_1", ixx_1), ("ixx_2", ixx_2), ("ixy_1", ixy_1),
+                           ("ixy_2", ixy_2)):
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a finite number >= 0 (got {value})")
+        if widen <= 0 or temperature <= 0 or feature_dim < 1:
+            raise ValueError("widen and temperature must be positive and feature_dim >= 1 "
+                             f"(got widen={widen}, temperature={temperature}, "
+                             f"feature_dim={feature_dim})")
+        if HEAD_PATTERN.fullmatch(head) is None:
+            raise ValueError(f"head must look like 1c2f (<convs>c<linear layers>f), got {head!r}")
+        self.loss_mode: LossMode = loss
+        self.given = {"ixx_1": ixx_1, "ixx_2": ixx_2, "ixy_1": ixy_1, "ixy_2": ixy_2}
+        self.head, self.widen, self.feature_dim = head, widen, feature_dim
+        self.temperature, self.decoder = temperature, decoder
+        self.model: str | None = None  # set by `configure`; picks the row of `DEFAULTS`
+
+    def configure(self, net: SplitNetwork) -> None:
+        """Learn which backbone ``net`` is, for the per-model defaults. `setup` calls it; a
+        decorator rule that calls `make_head` directly should call it first."""
+        self.model = identify(net)
+
+    def ramp_ends(self, num_modules: int) -> dict[str, float]:
+        """``ixx_1, ixx_2, ixy_1, ixy_2`` in force for K = ``num_modules``: the user's values,
+        the rest from `DEFAULTS` for the model (an unknown model uses ResNet-110's table) at the
+        nearest tabulated K (the larger on a tie)."""
+        table = DEFAULTS[self.model] if self.model in DEFAULTS else DEFAULTS[FALLBACK_MODEL]
+        k = min(table, key=lambda t: (abs(t - num_modules), -t))
+        defaults = dict(zip(("ixx_1", "ixx_2", "ixy_1", "ixy_2"), table[k]))
+        return {key: float(defaults[key] if value is None else value)
+                for key, value in self.given.items()}
+
+    def weights(self, index: int, num_modules: int) -> tuple[float, float]:
+        """``(ixx, ixy)`` of module ``index`` out of ``num_modules``."""
+        ends = self.ramp_ends(num_modules)
+        return (ramp(ends["ixx_1"], ends["ixx_2"], index, num_modules),
+                ramp(ends["ixy_1"], ends["ixy_2"], index, num_modules))
+
+    def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        ixx, ixy = self.weights(index, num_modules)
+        if ixx <= 0 and ixy <= 0:
+            ends = self.ramp_ends(num_modules)
+            raise UserError(f"infopro: module {index} of {num_modules} gets ixx=0 and ixy=0 "
+                            f"(ramps ixx {ends['ixx_1']}->{ends['ixx_2']}, ixy "
+                            f"{ends['ixy_1']}->{ends['ixy_2']}), so nothing would train it; "
+                            "make one of its weights positive")
+        return InfoProHead(shape, info, ixx, ixy, self.loss_mode, self.head, self.widen,
+                           self.feature_dim, self.temperature, self.decoder)
+
+    def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
+        self.configure(net)
+        return super().setup(net, info)
