@@ -1,0 +1,252 @@
+"""MLAAN (Zhang et al.): multilaminar local modules and leap-augmented modules over any base rule.
+
+For every module i < K-1 (the last module is trained by the backbone's classifier):
+
+- independent loss: the base rule's head on module i's output; reaches module i and that head;
+- cascade loss: modules max(0, i-k+1)..i, then the leap-augmented module LAM_i, then a cascade
+  head of the base rule's kind; reaches those modules, LAM_i's trained copies and that head;
+- objective ``wx * independent + wy * cascade``; the final cross-entropy reaches the last
+  min(k, K) modules.
+
+LAM_i holds trained copies of up to p later backbone blocks (the leap policy picks them); the
+first copy (every copy with ``ema_blocks=all``) adds the output of an EMA twin of the same real
+block, ``twin = r * twin + (1 - r) * real`` after every optimizer step. Twins get no gradient but
+pass gradients through; twins of the same real block are one module.
+
+Unlike the public code, every backbone module runs forward once per step: the graphs of the last
+k modules are kept and each cascade's gradient is routed back through them, a graph freed once no
+later cascade needs it. Fixed here against that code: every module's twin is updated (not only
+the last), no loss is discarded, module 0 has its losses, and the cascade depth is the paper's k.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from localearn.errors import UserError
+from localearn.interfaces import DataInfo, LocalRule, SplitNetwork, StepResult, UpdateRule
+
+
+def leap_blocks(unit_shapes: list[tuple[int, ...]], last_unit: int, p: int) -> list[int]:
+    """Units a LAM after ``last_unit`` copies: every later shape-changing unit (the first block
+    of each later stage, which a chain cannot skip), the final unit, and evenly spaced later
+    units up to ``p`` in all. If p is below the number of stage changes ahead, the first p of
+    them are kept (the chain must change width in order)."""
+    later = list(range(last_unit + 1, len(unit_shapes)))
+    if p <= 0 or not later:
+        return []
+    changes = [u for u in later if unit_shapes[u] != unit_shapes[u - 1]]
+    if len(changes) >= p:
+        return changes[:p]
+    chosen = set(changes) | {later[-1]}
+    rest = [u for u in later if u not in chosen]
+    spare = min(p - len(chosen), len(rest))
+    for j in range(spare):  # evenly spaced among the remaining later units
+        chosen.add(rest[round((j + 1) * (len(rest) + 1) / (spare + 1)) - 1])
+    return sorted(chosen)
+
+
+def parse_leaps(text: str) -> dict[int, list[int]]:
+    """An explicit leap table, ``"0:6,11,13,15; 1:6,11,13,15"`` (module: unit indices)."""
+    table: dict[int, list[int]] = {}
+    try:
+        for entry in filter(None, (e.strip() for e in text.split(";"))):
+            module, units = entry.split(":")
+            table[int(module)] = [int(u) for u in units.split(",") if u.strip()]
+    except ValueError:
+        raise ValueError(f"leaps must read like '0:6,11,15; 1:7,11,15' (got {text!r})") from None
+    return table
+
+
+class MLAAN(UpdateRule):
+    """MLAAN over a base rule: cascades of depth k plus leap-augmented auxiliary networks."""
+
+    name = "mlaan"
+    description = ("MLAAN: multilaminar cascades of depth k and leap-augmented modules over a "
+                   "base rule, e.g. mlaan(dgl)")
+
+    def __init__(self, base: UpdateRule, k: int = 3, wx: float = 0.001, wy: float = 0.999,
+                 ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
+                 leaps: str | None = None, fuse: bool = True) -> None:
+        if not isinstance(base, LocalRule):
+            raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
+                             "auxiliary heads; use a local rule such as dgl or infopro")
+        if k < 1:
+            raise ValueError(f"k must be at least 1 (got {k})")
+        if p < 0:
+            raise ValueError(f"p must be at least 0 (got {p})")
+        if not 0.0 <= ema <= 1.0:
+            raise ValueError(f"ema must lie in [0, 1] (got {ema})")
+        self.base, self.k, self.wx, self.wy = base, k, wx, wy
+        self.ema, self.p, self.ema_blocks, self.fuse = ema, p, ema_blocks, fuse
+        self.leap_table = parse_leaps(leaps) if leaps else {}
+        self.trace: list[str] = []  # names of the loss being back-propagated (for tests)
+
+    def num_modules(self, requested: int | None, num_units: int) -> int:
+        return self.base.num_modules(requested, num_units)
+
+    # -- construction ---------------------------------------------------------------------
+    def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
+        K = net.k
+        self.blocks: list[list[int]] = []
+        heads, cascade_heads, copies = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        twins = nn.ModuleDict()
+        for i in range(K - 1):
+            last = net.unit_ranges[i][-1]
+            blocks = self.leap_table.get(i) if self.leap_table else None
+            if blocks is None:
+                blocks = leap_blocks(net.unit_shapes, last, self.p)
+            self._check_chain(net, i, last, blocks)
+            self.blocks.append(blocks)
+            copies.append(nn.ModuleList(copy.deepcopy(net.units[b]) for b in blocks))
+            for j, b in enumerate(blocks):
+                if (j == 0 or self.ema_blocks == "all") and str(b) not in twins:
+                    twin = copy.deepcopy(net.units[b]).requires_grad_(False)
+                    twins[str(b)] = twin
+            shape = net.unit_shapes[blocks[-1]] if blocks else net.feature_shapes[i]
+            heads.append(self.base.make_head(i, K, net.feature_shapes[i], info))
+            cascade_heads.append(self.base.make_head(i, K, shape, info))
+        self.heads, self.cascade_heads, self.copies, self.twins = heads, cascade_heads, copies, twins
+        self.units = net.units
+        return nn.ModuleDict({"heads": heads, "cascade_heads": cascade_heads, "copies": copies,
+                              "twins": twins})
+
+    def _check_chain(self, net: SplitNetwork, i: int, last: int, blocks: list[int]) -> None:
+        shape = net.unit_shapes[last]
+        for b in blocks:
+            if not last < b < len(net.units) or net.unit_shapes[b - 1] != shape:
+                raise UserError(f"leap table for module {i}: unit {b} cannot follow the "
+                                f"features {shape} (units after module {i} run "
+                                f"{last + 1}..{len(net.units) - 1}, in order)")
+            shape = net.unit_shapes[b]
+
+    def aux_groups(self, aux: nn.Module) -> dict[str, nn.Module]:
+        return {"heads": nn.ModuleList([aux["heads"], aux["cascade_heads"]]),
+                "copies": aux["copies"], "twins": aux["twins"]}
+
+    # -- the leap-augmented module --------------------------------------------------------
+    def lam_forward(self, i: int, z: Tensor) -> Tensor:
+        """LAM_i: the trained copies in order, the twins' outputs added where they exist."""
+        for j, (b, block) in enumerate(zip(self.blocks[i], self.copies[i])):
+            out = block(z)
+            if j == 0 or self.ema_blocks == "all":
+                out = out + self.twins[str(b)](z)
+            z = out
+        return z
+
+    def after_step(self) -> None:
+        """EMA: ``twin = r * twin + (1 - r) * real`` for every twin, after every step."""
+        with torch.no_grad():
+            for b, twin in self.twins.items():
+                real = self.units[int(b)]
+                for t, r in zip(twin.parameters(), real.parameters()):
+                    t.lerp_(r, 1.0 - self.ema)
+                for t, r in zip(twin.buffers(), real.buffers()):
+                    t.copy_(r)
+
+    # -- one training step ----------------------------------------------------------------
+    def _scaled(self, loss: Tensor) -> Tensor:
+        return self.loss_scale(loss) if self.loss_scale else loss
+
+    def _head_grad(self, name: str, loss: Tensor, leaf: Tensor) -> Tensor:
+        """Back-propagate a head-side loss to its detached leaf; the leaf's gradient returns."""
+        self.trace.append(name)
+        self._scaled(loss).backward()
+        return leaf.grad
+
+    def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
+        K, k = net.k, self.k
+        self.trace = []
+        ins: list[Tensor | None] = []  # detached input of each module (a leaf)
+        outs: list[Tensor | None] = []  # output of each module, its graph kept while needed
+        pending: list[Tensor | None] = [None] * K  # independent-loss gradient at each output
+        local: list[float] = []
+        x = images
+        for i, module in enumerate(net.local_modules):
+            a = x.detach().requires_grad_(i > 0)
+            o = module(a)
+            ins.append(a)
+            outs.append(o)
+            leaf = o.detach().requires_grad_()
+            if i < K - 1:
+                indep = self.heads[i].loss(leaf, targets, images)
+                pending[i] = self._head_grad(f"independent {i}", self.wx * indep, leaf)
+                if not self.fuse:  # its own backward through module i, for tracing
+                    self._backward_module(net, f"independent {i}", i, pending[i], False, False,
+                                          ins, outs)
+                    pending[i] = None
+                leaf = o.detach().requires_grad_()
+                cascade = self.cascade_heads[i].loss(self.lam_forward(i, leaf), targets, images)
+                grad = self._head_grad(f"cascade {i}", self.wy * cascade, leaf)
+                self.notify_grads_ready([*self.heads[i].parameters(),
+                                         *self.cascade_heads[i].parameters(),
+                                         *self.copies[i].parameters()])
+                local.append(self.wx * indep.item() + self.wy * cascade.item())
+                self._route(net, f"cascade {i}", i, grad, ins, outs, pending)
+            else:
+                final = nn.functional.cross_entropy(leaf, targets)
+                grad = self._head_grad("final", final, leaf)
+                self._route(net, "final", i, grad, ins, outs, pending)
+            x = o
+        return StepResult(loss=final.item(), logits=o.detach(), local_losses=local)
+
+    def _route(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
+               outs: list, pending: list) -> None:
+        """Send cascade i's gradient at module i's output back through modules
+        max(0, i-k+1)..i, freeing each module's graph at its last use."""
+        K, start = net.k, max(0, i - self.k + 1)
+        for j in range(i, start - 1, -1):
+            last = i == min(j + self.k - 1, K - 1)
+            go_on = j > start
+            if last and pending[j] is not None:
+                if go_on:  # the independent gradient must not travel further: its own pass
+                    self._backward_module(net, f"independent {j}", j, pending[j], False, False,
+                                          ins, outs)
+                else:
+                    grad = grad + pending[j]
+                pending[j] = None
+            grad = self._backward_module(net, name, j, grad, go_on, last, ins, outs)
+            if last:
+                ins[j] = outs[j] = None  # free module j's graph
+                self.notify_grads_ready(list(net.local_modules[j].parameters()))
+
+    def _backward_module(self, net: SplitNetwork, name: str, j: int, grad: Tensor,
+                         go_on: bool, last: bool, ins: list, outs: list) -> Tensor | None:
+        """One backward pass through module j; returns the gradient at its input if asked."""
+        self.trace.append(f"{name} @ module {j}")
+        a = ins[j]
+        params = list(net.local_modules[j].parameters())
+        targets = [*params, a] if go_on else params
+        torch.autograd.backward(outs[j], grad, inputs=targets, retain_graph=not last)
+        if not go_on:
+            return None
+        g, a.grad = a.grad, None
+        return g
+
+
+class MLM(MLAAN):
+    """Ablation: multilaminar cascades only; the cascade head sits on module i's output."""
+
+    name = "mlm"
+    description = "MLAAN ablation: cascades of depth k only, no leap-augmented modules"
+
+    def __init__(self, base: UpdateRule, k: int = 3, wx: float = 0.001,
+                 wy: float = 0.999) -> None:
+        super().__init__(base, k=k, wx=wx, wy=wy, p=0)
+
+
+class LAM(MLAAN):
+    """Ablation: leap-augmented modules only; the head on LAM_i(module i) reaches module i."""
+
+    name = "lam"
+    description = "MLAAN ablation: leap-augmented modules only, no cascades (k=1)"
+
+    def __init__(self, base: UpdateRule, wx: float = 0.001, wy: float = 0.999,
+                 ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
+                 leaps: str | None = None) -> None:
+        super().__init__(base, k=1, wx=wx, wy=wy, ema=ema, p=p, ema_blocks=ema_blocks,
+                         leaps=leaps)

@@ -1,0 +1,145 @@
+"""MLAAN: the single-forward step against a naive oracle, the reach of every loss, EMA twins."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlaan_reference import naive_step
+
+from localearn import expr
+from localearn.config import make_config
+from localearn.engine import build_network, fit
+from localearn.errors import UserError
+from localearn.interfaces import DataInfo
+
+INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+UNITS = {"resnet32": 16, "resnet110": 55}
+
+
+def build(rule_text: str, model: str, K: int, seed: int = 0):
+    torch.manual_seed(seed)
+    rule = expr.build(rule_text)
+    net = build_network(model, K, rule, 10, INFO.input_shape)
+    aux = rule.setup(net, INFO)
+    return rule, net, aux
+
+
+def grads(*modules):
+    return [p.grad.clone() if p.grad is not None else None
+            for m in modules for p in m.parameters()]
+
+
+@settings(max_examples=12, deadline=None)
+@given(model=st.sampled_from(sorted(UNITS)), data=st.data())
+def test_single_forward_step_equals_naive_oracle(model, data):
+    K = data.draw(st.integers(1, 8), label="K")
+    k = data.draw(st.integers(1, 4), label="k")
+    p = data.draw(st.integers(0, 4), label="p")
+    which = data.draw(st.sampled_from(["first", "all"]), label="ema_blocks")
+    fuse = data.draw(st.booleans(), label="fuse")
+    text = f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse})"
+    rule, net, aux = build(text, model, K)
+    ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
+    ref_rule = expr.build(text)
+    ref_rule.setup(ref_net, INFO)
+    ref_rule.heads, ref_rule.cascade_heads = ref_aux["heads"], ref_aux["cascade_heads"]
+    ref_rule.copies, ref_rule.twins = ref_aux["copies"], ref_aux["twins"]
+    images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    rule.train_step(net, images, targets)
+    naive_step(ref_rule, ref_net, images, targets)
+    for g, r in zip(grads(net, aux), grads(ref_net, ref_aux)):
+        assert (g is None) == (r is None)
+        if g is not None:  # tight, relative to the tensor's scale (summation order differs)
+            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+
+
+def traced_reach(rule, net, aux):
+    """Which parameters each loss's backward passes touch, by hooks on every parameter."""
+    touched: dict[str, set[int]] = {}
+    names = {id(p): n for n, p in [*net.named_parameters(), *aux.named_parameters()]}
+    for p in [*net.parameters(), *aux.parameters()]:
+        if p.requires_grad:
+            p.register_hook(lambda g, p=p: touched.setdefault(
+                rule.trace[-1].split(" @")[0], set()).add(id(p)))
+    rule.train_step(net, torch.randn(4, 3, 32, 32), torch.arange(4))
+    return touched, names
+
+
+@pytest.mark.parametrize("K,k", [(6, 3), (5, 2), (16, 3), (4, 5)])
+def test_each_loss_reaches_exactly_its_parameters(K, k):
+    rule, net, aux = build(f"mlaan(dgl, k={k}, fuse=false)", "resnet32", K)
+    touched, _ = traced_reach(rule, net, aux)
+
+    def ids(*mods):
+        return {id(p) for m in mods for p in m.parameters()}
+
+    mods = net.local_modules
+    for i in range(K - 1):
+        assert touched[f"independent {i}"] == ids(mods[i], rule.heads[i])
+        span = [mods[j] for j in range(max(0, i - k + 1), i + 1)]
+        assert touched[f"cascade {i}"] == ids(*span, rule.copies[i], rule.cascade_heads[i])
+    assert touched["final"] == ids(*mods[max(0, K - k):])
+    twin_ids = ids(rule.twins)
+    assert twin_ids and not any(twin_ids & t for t in touched.values())
+
+
+def test_twins_follow_the_real_blocks_by_ema_and_get_no_gradient():
+    rule, net, aux = build("mlaan(dgl, ema=0.9, ema_blocks=all)", "resnet32", 16)
+    before = {b: copy.deepcopy(t.state_dict()) for b, t in rule.twins.items()}
+    # every module's LAM has a twin of its first block; twins are shared, one per real block
+    assert {str(blocks[0]) for blocks in rule.blocks} <= set(rule.twins)
+    params = [p for p in [*net.parameters(), *aux.parameters()] if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    rule.train_step(net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+    opt.step()
+    rule.after_step()
+    for b, twin in rule.twins.items():
+        real = net.units[int(b)]
+        assert all(p.grad is None for p in twin.parameters())
+        for (name, t), r in zip(twin.named_parameters(), real.parameters()):
+            old = before[b][name]
+            torch.testing.assert_close(t, 0.9 * old + 0.1 * r.detach())
+            assert not torch.equal(t, old), f"twin {b}.{name} did not move"
+
+
+def test_leap_policy_and_parameter_roles():
+    rule, net, aux = build("mlaan(dgl)", "resnet32", 16)
+    # module 0 is the stem: the first block of stage 2 and 3 (units 6, 11), the final unit
+    # 15 and one evenly spaced unit; the last LAM holds the final block alone
+    assert rule.blocks[0][-1] == 15 and {6, 11} <= set(rule.blocks[0]) and len(rule.blocks[0]) == 4
+    assert rule.blocks[-1] == [15]
+    groups = rule.aux_groups(aux)
+    assert set(groups) == {"heads", "copies", "twins"}
+    n_twins = sum(p.numel() for p in groups["twins"].parameters())
+    first_blocks = {blocks[0] for blocks in rule.blocks}
+    assert n_twins == sum(p.numel() for b in first_blocks for p in net.units[b].parameters())
+
+
+def test_options_and_errors():
+    assert expr.build("mlaan(dgl)").k == 3
+    rule = expr.build("mlaan(dgl, k=2, wx=0.01, wy=0.99, ema=0.99, p=3, ema_blocks=all)")
+    assert (rule.k, rule.wx, rule.wy, rule.ema, rule.p, rule.ema_blocks) == \
+        (2, 0.01, 0.99, 0.99, 3, "all")
+    assert expr.build("mlm(dgl)").p == 0 and expr.build("lam(dgl)").k == 1
+    with pytest.raises(UserError, match="has no auxiliary heads"):
+        expr.build("mlaan(bp)")
+    with pytest.raises(UserError, match="ema_blocks"):
+        expr.build("mlaan(dgl, ema_blocks=some)")
+    with pytest.raises(UserError, match="k must be at least 1"):
+        expr.build("mlaan(dgl, k=0)")
+    with pytest.raises(UserError, match="cannot follow"):
+        build("mlaan(dgl, leaps='0:12')", "resnet32", 16)
+    rule, _, _ = build("mlaan(dgl, leaps='0:6,11; 3:6,11,15')", "resnet32", 16)
+    assert rule.blocks[0] == [6, 11] and rule.blocks[3] == [6, 11, 15]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["mlaan(dgl)", "mlm(dgl)", "lam(dgl)"])
+def test_trains_on_digits_above_90_percent(rule, tmp_path):
+    # ResNet-32, K=16, 8 epochs of the embedded digits set, batch 64.
+    cfg = make_config(rule=rule, epochs=8, batch_size=64, lr=0.05, progress=False,
+                      output_dir=tmp_path)
+    result = fit(cfg)
+    assert result.test_acc > 0.90, result.history
