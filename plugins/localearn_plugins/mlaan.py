@@ -110,7 +110,8 @@ class MLAAN(UpdateRule):
             shape = net.unit_shapes[blocks[-1]] if blocks else net.feature_shapes[i]
             heads.append(self.base.make_head(i, K, net.feature_shapes[i], info))
             cascade_heads.append(self.base.make_head(i, K, shape, info))
-        self.heads, self.cascade_heads, self.copies, self.twins = heads, cascade_heads, copies, twins
+        self.heads, self.cascade_heads = heads, cascade_heads
+        self.copies, self.twins = copies, twins
         self.units = net.units
         return nn.ModuleDict({"heads": heads, "cascade_heads": cascade_heads, "copies": copies,
                               "twins": twins})
@@ -159,7 +160,7 @@ class MLAAN(UpdateRule):
         return leaf.grad
 
     def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
-        K, k = net.k, self.k
+        K = net.k
         self.trace = []
         ins: list[Tensor | None] = []  # detached input of each module (a leaf)
         outs: list[Tensor | None] = []  # output of each module, its graph kept while needed
