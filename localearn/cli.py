@@ -1,4 +1,4 @@
-"""The ``localearn`` command: ``fit``, ``rules``, ``models``, ``datasets``.
+"""The ``localearn`` command: ``fit``, ``rules``, ``models``, ``datasets``, ``plot``, ``export``.
 
 User mistakes print one line, ``localearn: error: ...``, and exit with code 2.
 """
@@ -43,17 +43,15 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, help="where metrics and checkpoints go")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="hide the progress bar")
+    from localearn.run_cli import add_fit_args
+
+    add_fit_args(p)  # precision, checkpoints, resume, logs, processes
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from localearn.config import make_config
-    from localearn.engine import fit
+    from localearn.run_cli import fit_command
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    cfg = make_config(args.config, **overrides)
-    result = fit(cfg)
-    print(f"final test accuracy {result.test_acc:.2%}")
-    return 0
+    return fit_command(args)  # --resume, --nproc (torchrun), then fit
 
 
 def _listing(kind: str) -> Callable[[argparse.Namespace], int]:
@@ -81,12 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     from localearn.measure_cli import add_commands as add_measure_commands
 
     add_measure_commands(sub)  # memory, bench
+    from localearn.run_cli import add_commands as add_run_commands
+
+    add_run_commands(sub)  # plot, export
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # fit --nproc N starts N copies of this command
         return args.func(args)
     except UserError as exc:
         print(f"localearn: error: {exc}", file=sys.stderr)

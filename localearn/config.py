@@ -43,6 +43,30 @@ class FitConfig(BaseModel):
     workers: int = Field(0, ge=0)
     output_dir: Path = Path("runs/latest")
     progress: bool = True
+    # engine: precision, speed, checkpoints, logs, distribution (docs/engine.md)
+    precision: Literal["32", "bf16", "16"] = Field(
+        "32", description="32: float32; bf16/16: autocast (16 adds a gradient scaler)")
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile every local module and head")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint every N steps (always at each epoch end)")
+    keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
+    resume: str | None = Field(
+        None, description="'latest' (newest in output_dir), a checkpoint file or a run folder")
+    log_every: int = Field(50, ge=1, description="write a steps.jsonl row every N steps")
+    tensorboard: bool = False
+    sync_bn: bool = Field(False, description="SyncBatchNorm across ranks (GPUs only)")
+    nproc: int = Field(1, ge=1, description="processes to launch on this machine (torchrun)")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_alias(cls, v: Any) -> Any:
+        aliases = {"32": "32", "fp32": "32", "32-true": "32", "bf16": "bf16",
+                   "bf16-mixed": "bf16", "16": "16", "fp16": "16", "16-mixed": "16"}
+        key = str(v).lower()
+        if key not in aliases:
+            raise ValueError(f"unknown precision {v!r}; valid: 32, bf16, 16")
+        return aliases[key]
 
     @field_validator("dataset")
     @classmethod

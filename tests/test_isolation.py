@@ -18,9 +18,10 @@ def loss_gradients(rule_text: str, model: str, k: int, j: int):
     net = build_network(model, k, rule, 10, INFO.input_shape)
     heads = rule.setup(net, INFO)
     images, targets = torch.randn(4, 3, 32, 32), torch.arange(4) % 10
-    for i, (loss, _) in enumerate(rule.losses(net, images, targets)):
-        if i == j:
-            break
+    losses = rule.losses(net, images, targets)
+    for _ in range(j):
+        next(losses)
+    loss, _ = next(losses)
     params = [*net.parameters(), *heads.parameters()]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return net, heads, {id(p): g for p, g in zip(params, grads)}

@@ -1,0 +1,70 @@
+"""``localearn plot RUN_DIR...``: accuracy-epoch curves of one or more runs (the paper's
+Figure 4), read from each run's ``metrics.jsonl``, drawn to a PNG with matplotlib."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from localearn.errors import UserError
+from localearn.runlog import read_jsonl
+
+METRICS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
+           "train_loss": "train loss", "images_per_s": "images per second"}
+
+
+def run_label(run_dir: Path) -> str:
+    """``rule, model K=k`` from the run's config.json, else the folder name."""
+    cfg_path = run_dir / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        k = f" K={cfg['k']}" if cfg.get("k") else ""
+        return f"{cfg['rule']}, {cfg['model']}{k}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return run_dir.name
+
+
+def load_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of ``metric`` in a run folder's metrics.jsonl."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder: {path} does not exist")
+    rows = [r for r in read_jsonl(path) if metric in r and "epoch" in r]
+    if not rows:
+        raise UserError(f"{path} has no epoch rows with {metric!r}")
+    scale = 100.0 if metric.endswith("_acc") else 1.0
+    return [int(r["epoch"]) for r in rows], [float(r[metric]) * scale for r in rows]
+
+
+def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
+              labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Draw ``metric`` against epoch for every run into the PNG ``out``."""
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if labels and len(labels) != len(runs):
+        raise UserError(f"{len(labels)} labels for {len(runs)} runs; give one --label per run")
+    curves = [load_curve(Path(r), metric) for r in runs]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for i, (run, (x, y)) in enumerate(zip(runs, curves)):
+        label = labels[i] if labels else run_label(Path(run))
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(METRICS[metric])
+    ax.set_title(title or f"{METRICS[metric].split(' (')[0]} by epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out
