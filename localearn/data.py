@@ -45,12 +45,40 @@ class TensorImages(Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-def cifar_transforms(mean=CIFAR_MEAN, std=CIFAR_STD) -> tuple[v2.Transform, v2.Transform]:
+class PadCropFlip(torch.nn.Module):
+    """A uint8 (C, H, W) image to a normalised float tensor; with ``train``, first pad by
+    ``padding`` (``reflect`` or zero ``constant``), crop back to H x W at a random offset and,
+    with ``flip``, mirror half the images. Plain tensor ops: torchvision's per-transform
+    overhead is several times the work itself on a 32x32 image. Randomness from torch's RNG."""
+
+    def __init__(self, mean, std, *, train: bool, padding: int = 4,
+                 mode: str = "reflect", flip: bool = True) -> None:
+        super().__init__()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.train_mode, self.padding, self.mode, self.flip = train, padding, mode, flip
+
+    def forward(self, img: Tensor) -> Tensor:
+        x = img.as_subclass(Tensor).float() / 255  # a new tensor: the stored image stays
+        if self.train_mode:
+            h, w = x.shape[-2:]
+            p = self.padding
+            if p:
+                x = torch.nn.functional.pad(x[None], (p, p, p, p), mode=self.mode)[0]
+                i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+                x = x[:, i:i + h, j:j + w]
+            if self.flip and torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return (f"train={self.train_mode}, padding={self.padding}, mode={self.mode!r}, "
+                f"flip={self.flip}")
+
+
+def cifar_transforms(mean=CIFAR_MEAN, std=CIFAR_STD) -> tuple[PadCropFlip, PadCropFlip]:
     """The paper's CIFAR augmentation: reflect-pad 4, random crop 32, flip; then normalise."""
-    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = v2.Compose([v2.RandomCrop(32, padding=4, padding_mode="reflect"),
-                        v2.RandomHorizontalFlip(), *finish])
-    return train, v2.Compose(finish)
+    return PadCropFlip(mean, std, train=True), PadCropFlip(mean, std, train=False)
 
 
 def _limit(n: int | None, total: int) -> int:
@@ -151,14 +179,260 @@ def read_shards(paths: list[Path], limit: int | None) -> tuple[Tensor, Tensor]:
 def cifar10_shards(data_dir: Path | None = None, *, download: bool = False,
                    train_limit: int | None = None, test_limit: int | None = None,
                    seed: int = 0) -> DataSplits:
-    """CIFAR-10 from WebDataset shards (keys jpg, cls), decoded once into memory."""
+    """CIFAR-10 streamed from WebDataset shards (keys jpg, cls), decoded on the workers."""
+    from localearn.webdata import ShardStream
+
     root = find_cifar10_shards(data_dir)
-    train_x, train_y = read_shards(sorted(root.glob("cifar10-train-*.tar*")), train_limit)
-    test_x, test_y = read_shards(sorted(root.glob("cifar10-test-*.tar*")), test_limit)
+    manifest = _read_manifest(root)
     train_tf, test_tf = cifar_transforms()
+    splits = []
+    for name, tf, limit, train in (("train", train_tf, train_limit, True),
+                                   ("test", test_tf, test_limit, False)):
+        urls = [str(p) for p in sorted(root.glob(f"cifar10-{name}-*.tar*"))]
+        samples = _split_entry(manifest, name).get("samples")
+        splits.append(ShardStream(urls, tf, samples=samples, limit=limit,
+                                  num_classes=10, train=train, seed=seed))
     info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD)
-    return DataSplits(TensorImages(train_x, train_y, train_tf),
-                      TensorImages(test_x, test_y, test_tf), info)
+    return DataSplits(splits[0], splits[1], info)
+
+
+# ------------------------------------------------------------------ ImageNet-style shards
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MANIFESTS = ("manifest.json", "manifest.toml")
+SPLIT_ALIASES = {"train": ("train",), "test": ("test", "val", "validation")}
+
+
+def imagenet_transforms(size: int = 224, resize: int | None = None,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[v2.Transform, v2.Transform]:
+    """Train: RandomResizedCrop ``size``, flip; eval: resize to ``resize`` (256 for 224),
+    center-crop ``size``; both normalised. They take uint8 (3, H, W) tensors."""
+    resize = resize or round(size * 256 / 224)
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                        *finish])
+    test = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), *finish])
+    return train, test
+
+
+def _read_manifest(root: Path) -> dict:
+    """``manifest.json`` or ``manifest.toml`` in a shard folder ({} when there is none)."""
+    import json
+    import tomllib
+
+    for name in MANIFESTS:
+        path = root / name
+        if path.is_file():
+            try:
+                data = (json.loads(path.read_text()) if name.endswith(".json")
+                        else tomllib.loads(path.read_text()))
+            except (ValueError, tomllib.TOMLDecodeError) as exc:
+                raise UserError(f"{path} is not valid: {str(exc).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{path} must hold a table of settings")
+            return data
+    return {}
+
+
+def _split_entry(manifest: dict, split: str) -> dict:
+    for name in SPLIT_ALIASES[split]:
+        entry = manifest.get(name)
+        if isinstance(entry, dict):
+            return entry
+    return {}
+
+
+def _positive_int(value: object, what: str, where: Path) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{where}: {what} must be a positive integer (got {value!r})")
+    return value
+
+
+def _split_shards(root: Path, manifest: dict, split: str) -> tuple[list[str] | str, int | None]:
+    """Shard specs and sample count of one split: the manifest's ``urls``, or the local files
+    named ``*{split}-*.tar*`` (``val``/``validation`` also serve as the test split)."""
+    entry = _split_entry(manifest, split)
+    where = root / "manifest"
+    samples = _positive_int(entry.get("samples"), f"{split}.samples", where)
+    urls = entry.get("urls")
+    if urls is not None:
+        if not (isinstance(urls, str) or (isinstance(urls, list)
+                                          and all(isinstance(u, str) for u in urls))):
+            raise UserError(f"{where}: {split}.urls must be a string or a list of strings")
+        return urls, samples
+    for name in SPLIT_ALIASES[split]:
+        found = sorted(str(p) for p in root.glob(f"*{name}-*.tar*"))
+        if found:
+            expected = entry.get("shards")
+            if isinstance(expected, int) and expected != len(found):
+                raise UserError(f"{root}: the manifest lists {expected} {split} shards but "
+                                f"{len(found)} are there")
+            return found, samples
+    raise UserError(f"no {split} shards in {root}: expected files named "
+                    f"'{'val' if split == 'test' else 'train'}-000000.tar' and so on"
+                    f", or '{split}.urls' in {root / MANIFESTS[0]}")
+
+
+def find_shard_dir(data_dir: Path | None, name: str = "imagenet") -> Path:
+    """``data_dir``, else ``$LOCALEARN_DATA/NAME`` or ``data/NAME``, whichever exists."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get("LOCALEARN_DATA")
+    candidates = ([Path(env) / name] if env else []) + [Path("data") / name]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    looked = ", ".join(str(c.resolve()) for c in candidates)
+    raise UserError(f"{name} shards not found (looked in {looked}); pass --data-dir DIR holding "
+                    "train-*.tar and val-*.tar shards (keys jpg/jpeg/png and cls), or a "
+                    "manifest.json naming them")
+
+
+def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
+                    train_limit: int | None = None, test_limit: int | None = None,
+                    seed: int = 0) -> DataSplits:
+    """ImageNet-style WebDataset shards, streamed (1000 classes, 224x224 crops by default).
+
+    ``DIR`` holds ``train-*.tar`` and ``val-*.tar`` (or ``.tar.gz``), or a ``manifest.json``
+    (or ``.toml``) with ``train``/``val`` tables of ``urls`` (brace patterns, ``pipe:`` URLs)
+    and ``samples``, and optional ``num_classes`` (or a ``classes`` list) and ``image_size``.
+    """
+    from localearn.webdata import ShardStream
+
+    if download:
+        raise UserError("ImageNet cannot be downloaded automatically; write it as WebDataset "
+                        "shards and pass --data-dir")
+    root = find_shard_dir(data_dir)
+    if not root.is_dir():
+        raise UserError(f"shard folder {str(root)!r} does not exist")
+    manifest = _read_manifest(root)
+    where = root / "manifest"
+    classes = manifest.get("classes")
+    num_classes = _positive_int(manifest.get("num_classes"), "num_classes", where) or (
+        len(classes) if isinstance(classes, list) and classes else 1000)
+    size = _positive_int(manifest.get("image_size"), "image_size", where) or 224
+    resize = _positive_int(manifest.get("resize"), "resize", where)
+    train_tf, test_tf = imagenet_transforms(size, resize)
+    splits = []
+    for name, tf, limit, train in (("train", train_tf, train_limit, True),
+                                   ("test", test_tf, test_limit, False)):
+        urls, samples = _split_shards(root, manifest, name)
+        splits.append(ShardStream(urls, tf, samples=samples, limit=limit,
+                                  num_classes=num_classes, train=train, seed=seed,
+                                  base_dir=root))
+    info = DataInfo(num_classes, (3, size, size), IMAGENET_MEAN, IMAGENET_STD)
+    return DataSplits(splits[0], splits[1], info)
+
+
+# ------------------------------------------------------------------------- SVHN, STL-10
+HALF = (0.5, 0.5, 0.5)
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+STL10_FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin")}
+
+
+def _data_root(data_dir: Path | None) -> Path:
+    return Path(data_dir or os.environ.get("LOCALEARN_DATA", "data"))
+
+
+def read_svhn(path: Path) -> tuple[Tensor, Tensor]:
+    """One SVHN ``*_32x32.mat`` file: uint8 images (N, 3, 32, 32) and labels 0..9 (the
+    files store the digit 0 as label 10)."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+        x, y = mat["X"], mat["y"]
+    except Exception as exc:  # scipy raises many types for a damaged file
+        raise UserError(f"SVHN file {path} is unreadable ({type(exc).__name__}: {exc})") \
+            from None
+    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise UserError(f"SVHN file {path}: X has shape {x.shape}, expected (32, 32, 3, "
+                        f"{len(y)})")
+    if len(y) and (y.min() < 1 or y.max() > 10):
+        raise UserError(f"SVHN file {path}: labels must be 1..10 (10 is the digit 0)")
+    y[y == 10] = 0
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8))
+    return images, torch.from_numpy(y)
+
+
+def svhn(data_dir: Path | None = None, *, download: bool = False,
+         train_limit: int | None = None, test_limit: int | None = None,
+         seed: int = 0) -> DataSplits:
+    """SVHN from torchvision's .mat files: 73,257 train / 26,032 test images, 32x32.
+
+    No ``extra`` split, as in the paper; its augmentation: random crop 32 with padding 2, no
+    flip, mean = std = 0.5."""
+    root = _data_root(data_dir)
+    dirs = [root, root / "svhn"]
+    found = next((d for d in dirs if all((d / f).is_file() for f in SVHN_FILES.values())), None)
+    if found is None and download:
+        from torchvision.datasets import SVHN
+
+        for split in SVHN_FILES:
+            SVHN(str(root), split=split, download=True)
+        found = root
+    if found is None:
+        raise UserError(f"SVHN not found: looked for {' and '.join(SVHN_FILES.values())} in "
+                        f"{', '.join(str(d) for d in dirs)}; pass --data-dir DIR holding them, "
+                        "or add --download to fetch them there")
+    train_tf = PadCropFlip(HALF, HALF, train=True, padding=2, mode="constant", flip=False)
+    test_tf = PadCropFlip(HALF, HALF, train=False)
+    out = []
+    for split, limit, tf in (("train", train_limit, train_tf), ("test", test_limit, test_tf)):
+        x, y = read_svhn(found / SVHN_FILES[split])
+        n = _limit(limit, len(y))
+        out.append(TensorImages(x[:n], y[:n], tf))
+    return DataSplits(out[0], out[1], DataInfo(10, (3, 32, 32), HALF, HALF))
+
+
+def read_stl10(images: Path, labels: Path) -> tuple[Tensor, Tensor]:
+    """One STL-10 binary split: uint8 images (N, 3, 96, 96), labels 0..9 (stored 1..10).
+    Each image is stored channel by channel, column-major."""
+    side = 96
+    per_image = 3 * side * side
+    raw = np.fromfile(images, dtype=np.uint8)
+    y = np.fromfile(labels, dtype=np.uint8).astype(np.int64)
+    if raw.size % per_image or raw.size // per_image != len(y):
+        raise UserError(f"STL-10 files {images.name}/{labels.name} disagree: "
+                        f"{raw.size / per_image:g} images of 3x96x96 bytes, {len(y)} labels")
+    if len(y) and (y.min() < 1 or y.max() > 10):
+        raise UserError(f"STL-10 file {labels}: labels must be 1..10")
+    x = raw.reshape(-1, 3, side, side).transpose(0, 1, 3, 2)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y - 1)
+
+
+def stl10(data_dir: Path | None = None, *, download: bool = False,
+          train_limit: int | None = None, test_limit: int | None = None,
+          seed: int = 0) -> DataSplits:
+    """STL-10 from its binary files: 10 classes, 5,000 train / 8,000 test images, 96x96.
+
+    Reads ``stl10_binary/`` (the unlabelled split is unused); the paper's augmentation: random
+    crop 96 with padding 4, flip, mean = std = 0.5."""
+    root = _data_root(data_dir)
+    dirs = [root / "stl10_binary", root]
+    names = [f for pair in STL10_FILES.values() for f in pair]
+    found = next((d for d in dirs if all((d / f).is_file() for f in names)), None)
+    if found is None and download:
+        from torchvision.datasets import STL10
+
+        STL10(str(root), split="train", download=True)  # the archive holds every split
+        found = root / "stl10_binary"
+    if found is None:
+        raise UserError(f"STL-10 not found: looked for {', '.join(names)} in "
+                        f"{', '.join(str(d) for d in dirs)}; pass --data-dir DIR holding "
+                        "stl10_binary/, or add --download to fetch it there")
+    train_tf = PadCropFlip(HALF, HALF, train=True, padding=4, mode="constant", flip=True)
+    test_tf = PadCropFlip(HALF, HALF, train=False)
+    out = []
+    for split, limit, tf in (("train", train_limit, train_tf), ("test", test_limit, test_tf)):
+        x, y = read_stl10(*(found / f for f in STL10_FILES[split]))
+        n = _limit(limit, len(y))
+        out.append(TensorImages(x[:n], y[:n], tf))
+    # 10 classes: the public MLAAN/InfoPro code builds a 100-way classifier here by a typo
+    return DataSplits(out[0], out[1], DataInfo(10, (3, 96, 96), HALF, HALF))
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 0,
@@ -167,6 +441,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int 
     sharded with a DistributedSampler when ``world_size > 1``; an `IterableDataset` shuffles and
     shards itself. The engine calls ``set_epoch(epoch)`` on the sampler or dataset if present."""
     if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_rank"):  # a ShardStream reads only this rank's part
+            dataset.set_rank(rank, world_size)
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                           drop_last=train)
     sampler = None

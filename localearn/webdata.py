@@ -32,6 +32,7 @@ import glob
 import io
 import multiprocessing
 import random
+import sys
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,14 +44,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
+from torchvision.transforms.v2.functional import pil_to_tensor
+from webdataset.filters import shuffle as shuffle_stage
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from localearn.errors import UserError
 
-__all__ = ["CorruptDataWarning", "ShardStream", "count_samples", "expand_shards"]
+__all__ = ["CorruptDataWarning", "ShardStream", "count_samples", "decode_rgb", "expand_shards"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _SCHEMES = ("pipe:", "file:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
@@ -61,6 +63,15 @@ _MAX_FAILURES_IN_A_ROW = 10_000
 
 class CorruptDataWarning(UserWarning):
     """A sample or shard was skipped because it could not be read or decoded."""
+
+
+def _warn(msg: str) -> None:
+    """A `CorruptDataWarning` in the main process; a plain stderr line in a data-loader
+    worker, whose warning filters (a test's capture, say) were inherited and may hide it."""
+    if get_worker_info() is None:
+        warnings.warn(msg, CorruptDataWarning, stacklevel=3)
+    else:
+        print(f"localearn: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _is_url(spec: str) -> bool:
@@ -158,6 +169,13 @@ def count_samples(url: str) -> int:
     return len(keys)
 
 
+def decode_rgb(data: bytes) -> Tensor:
+    """An encoded image (any format PIL reads) as a uint8 (3, H, W) RGB tensor; truncated or
+    unreadable data raises. (PIL, not torchvision.io, whose decoders are deprecated.)"""
+    with Image.open(io.BytesIO(data)) as img:
+        return pil_to_tensor(img.convert("RGB"))
+
+
 @dataclass
 class _Shard:
     url: str
@@ -169,7 +187,7 @@ class _Shard:
 class ShardStream(IterableDataset):
     """An image-classification stream over WebDataset shards; see the module docs.
 
-    ``transform`` maps a decoded RGB `PIL.Image.Image` to the tensor the network sees.
+    ``transform`` maps a decoded uint8 RGB image (3, H, W) to the tensor the network sees.
     ``samples`` is the total sample count of ``shards`` (counted from the shards when None);
     ``limit`` keeps the first N samples in shard order. ``shuffle`` is the shuffle buffer size
     (0: no shuffling of samples or shards; default 1000 for training, 0 otherwise).
@@ -179,7 +197,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         shards: str | Sequence[str],
-        transform: Callable[[Image.Image], Tensor],
+        transform: Callable[[Tensor], Tensor],
         *,
         samples: int | None = None,
         limit: int | None = None,
@@ -328,7 +346,7 @@ class ShardStream(IterableDataset):
             self._add(2, lost)
             log(f"shard {shard.url} is unreadable after {seen} samples "
                 f"({type(exc).__name__}: {exc}); skipped the rest"
-                + (f" ({lost} samples)" if lost else ""))
+                + (f" ({lost} sample{'s' * (lost > 1)})" if lost else ""))
         finally:
             members.close()  # closes the file or pipe at once when stopping at ``cap``
 
@@ -341,9 +359,7 @@ class ShardStream(IterableDataset):
         label = int(sample["cls"].decode("ascii").strip())
         if label < 0 or (self.num_classes is not None and label >= self.num_classes):
             raise ValueError(f"label {label} is outside 0..{(self.num_classes or 1) - 1}")
-        with Image.open(io.BytesIO(sample[image_key])) as img:
-            rgb = img.convert("RGB")
-        return self.transform(rgb), label
+        return self.transform(decode_rgb(sample[image_key])), label
 
     def _raw(self, rank: int, world: int, worker: int, workers: int,
              log: Callable[[str], None]) -> Iterator[dict]:
@@ -382,15 +398,15 @@ class ShardStream(IterableDataset):
             nonlocal warned
             warned += 1
             if warned <= self.max_warnings:
-                warnings.warn(msg, CorruptDataWarning, stacklevel=2)
+                _warn(msg)
             elif warned == self.max_warnings + 1:
-                warnings.warn("further corrupt-data warnings from this worker are suppressed "
-                              "this epoch; totals follow", CorruptDataWarning, stacklevel=2)
+                _warn("further corrupt-data warnings from this worker are suppressed this "
+                      "epoch; totals follow")
 
         raw = self._raw(rank, world, worker, workers, log)
         if self.shuffle > 1:
             rng = random.Random(f"samples-{self.seed}-{self.epoch}-{rank}-{worker}")
-            raw = _shuffle(raw, bufsize=self.shuffle, initial=self.shuffle, rng=rng)
+            raw = shuffle_stage(self.shuffle, self.shuffle, rng=rng)(raw)
         delivered = failures = 0
         try:
             for sample in raw:
@@ -414,6 +430,6 @@ class ShardStream(IterableDataset):
         finally:
             self._add(3, delivered)
             if warned:
-                warnings.warn(f"epoch {self.epoch}, rank {rank}, worker {worker}: skipped "
-                              f"{skipped_here} undecodable samples and {warned - skipped_here} "
-                              "unreadable shards", CorruptDataWarning, stacklevel=2)
+                _warn(f"epoch {self.epoch}, rank {rank}, worker {worker}: skipped "
+                      f"{skipped_here} undecodable samples and {warned - skipped_here} "
+                      "unreadable shards")

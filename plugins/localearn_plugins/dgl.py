@@ -11,12 +11,15 @@ from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape
 
 class DGLHead(AuxHead):
     """DGL's ``mlp-sr`` auxiliary net: pool to a quarter of the spatial size, three 1x1
-    conv-BN-ReLU, pool to 2x2, a 3-layer MLP of width 4C, then the classifier; cross-entropy."""
+    conv-BN-ReLU, pool to 2x2, a 3-layer MLP of width 4C, then the classifier; cross-entropy.
+    The hidden width C is capped at ``max_width`` (128: the public MLAAN code's DGL head), so
+    ImageNet-width features (up to 2048 channels) do not need billions of head parameters."""
 
-    def __init__(self, shape: Shape, info: DataInfo, width: float = 1.0) -> None:
+    def __init__(self, shape: Shape, info: DataInfo, width: float = 1.0,
+                 max_width: int = 128) -> None:
         super().__init__(shape, info)
         c, h, w = shape
-        hidden = max(1, round(c * width))
+        hidden = max(1, min(round(c * width), max_width))
         convs: list[nn.Module] = []
         for i in range(3):
             convs += [nn.Conv2d(c if i == 0 else hidden, hidden, 1, bias=False),
@@ -43,11 +46,12 @@ class DGL(LocalRule):
     name = "dgl"
     description = "Decoupled Greedy Learning: a conv+MLP classifier head per module (ICML 2020)"
 
-    def __init__(self, width: float = 1.0) -> None:
+    def __init__(self, width: float = 1.0, max_width: int = 128) -> None:
         super().__init__()
-        if width <= 0:
-            raise ValueError(f"width must be positive (got {width})")
-        self.width = width
+        if width <= 0 or max_width < 1:
+            raise ValueError(f"width must be positive and max_width at least 1 (got {width}, "
+                             f"{max_width})")
+        self.width, self.max_width = width, max_width
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
-        return DGLHead(shape, info, self.width)
+        return DGLHead(shape, info, self.width, self.max_width)
