@@ -17,7 +17,9 @@ allocator caches and caches of convolution primitives outlive a model). The peak
   network is built to the end of the last step. Convolution workspaces from oneDNN go through
   that allocator too, so they are counted. The process's peak resident set size is reported
   beside it as a cross-check; it also holds the interpreter, the libraries and freed memory the
-  C allocator kept, so it is always larger.
+  C allocator kept, so it is always larger. It comes from a first, unprofiled pass of the same
+  steps (the profiler's own event buffers would inflate it); the profiled pass builds the run
+  again from scratch.
 
 `bench` times a rule against a baseline in one process, interleaved (A B A B ...) after a
 warm-up, and reports medians; it also counts FLOPs per image with
@@ -29,6 +31,7 @@ median step time, so a rule that is slow can be told apart from a rule that comp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor, nn
 from torch.autograd import DeviceType
 
@@ -71,6 +74,13 @@ class RunSpec(BaseModel):
     device: str = "auto"
     seed: int = 0
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N")
+        return v
+
     @property
     def info(self) -> DataInfo:
         return DataInfo(self.num_classes, (3, self.input_size, self.input_size),
@@ -95,6 +105,8 @@ class MemoryResult(BaseModel):
     peak_bytes: int = Field(description="peak training memory of live tensors")
     peak_method: Literal["cuda.max_memory_allocated", "profiler memory events"]
     peak_rss_bytes: int = Field(description="the process's peak resident set size")
+    rss_pass: bool = Field(True, description="on CPU, the RSS came from a separate pass "
+                                             "without the profiler")
     rss_before_bytes: int = Field(description="peak resident set size before building the "
                                               "network (interpreter and libraries)")
 
@@ -143,7 +155,8 @@ def make_spec(**values: object) -> RunSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-        raise UserError(f"invalid {where}: {err['msg']} (got {err.get('input')!r})") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"invalid {where}: {msg} (got {err.get('input')!r})") from None
 
 
 def resolve(spec: RunSpec, fallback_k: bool = False) -> RunSpec:
@@ -161,6 +174,15 @@ def resolve(spec: RunSpec, fallback_k: bool = False) -> RunSpec:
         spec = spec.model_copy(update={"k": None})
         net = _network(spec, rule)
     return spec.model_copy(update={"rule": rule.expression, "k": net.k})
+
+
+def baseline_spec(spec: RunSpec, vs: str, vs_k: int | None = None) -> RunSpec:
+    """The baseline ``vs`` on the same model, batch and input: K is ``vs_k`` if given, else
+    the rule's K when the baseline accepts it, else the baseline's own default."""
+    if vs_k is not None and vs_k < 1:
+        raise UserError(f"invalid --vs-k: must be >= 1 (got {vs_k})")
+    k = vs_k if vs_k is not None else spec.k
+    return resolve(spec.model_copy(update={"rule": vs, "k": k}), fallback_k=vs_k is None)
 
 
 def _network(spec: RunSpec, rule: UpdateRule) -> nn.Module:
@@ -268,7 +290,18 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _peak_rss() -> int:
-    """The process's peak resident set size in bytes (ru_maxrss is KiB on Linux)."""
+    """The process's peak resident set size in bytes.
+
+    On Linux this is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would not do, because Linux
+    carries it over fork and exec, so a worker started by a large parent reports the parent's
+    size. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on other systems)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -298,43 +331,58 @@ def cpu_peak(fn: Callable[[], T]) -> tuple[T, int]:
 # --------------------------------------------------------------------------- memory
 
 
-def measure_memory_here(spec: RunSpec, steps: int = 2) -> MemoryResult:
-    """Measure one configuration in this process (`measure_memory` isolates it first)."""
+def measure_memory_here(spec: RunSpec, steps: int = 2, rss_pass: bool = True) -> MemoryResult:
+    """Measure one configuration in this process (`measure_memory` isolates it first).
+
+    On CPU the run is done twice: first plainly, for the process's peak resident set (the
+    profiler's own event buffers would inflate it), then from scratch under the profiler, for
+    the peak of live tensors. ``rss_pass=False`` skips the first pass: half the time, and the
+    resident set then includes the profiler's buffers (about 100 MB)."""
     device = resolve_device(spec.device)
-    rss_before = _peak_rss()
-    if device.type == "cuda":
+    resolve(spec)  # load the plugins and libraries first: the resident set before the model
+    rss_before = _peak_rss()  # then holds them, and its growth is the run's own
+
+    def train() -> TrainingRun:
         run = TrainingRun(spec, device)
-        run.sync()
-        torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            run.sync()
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(steps):
             run.step()
         run.sync()
+        return run
+
+    cuda = device.type == "cuda"
+    if cuda or rss_pass:
+        run = train()
+        peak_rss = _peak_rss()
+    if cuda:
         peak = torch.cuda.max_memory_allocated(device)
         method = "cuda.max_memory_allocated"
     else:
-        def train() -> TrainingRun:
-            run = TrainingRun(spec, device)
-            for _ in range(steps):
-                run.step()
-            return run
-
+        if rss_pass:
+            del run
+            gc.collect()
         # measured from before the network exists, so parameters and optimizer state count too
         run, peak = cpu_peak(train)
         method = "profiler memory events"
+        if not rss_pass:
+            peak_rss = _peak_rss()
     params, buffers = role_bytes(run.rule, run.net, run.aux)
     return MemoryResult(
         spec=spec, steps=steps, device=str(device), param_bytes=params, buffer_bytes=buffers,
         grad_bytes=grad_bytes(run.params), optimizer_bytes=optimizer_bytes(run.optimizer),
-        peak_bytes=peak, peak_method=method, peak_rss_bytes=_peak_rss(),
-        rss_before_bytes=rss_before)
+        peak_bytes=peak, peak_method=method, peak_rss_bytes=peak_rss,
+        rss_pass=cuda or rss_pass, rss_before_bytes=rss_before)
 
 
-def measure_memory(spec: RunSpec, steps: int = 2) -> MemoryResult:
-    """Measure one configuration in a fresh Python process (see the module docs)."""
+def measure_memory(spec: RunSpec, steps: int = 2, rss_pass: bool = True) -> MemoryResult:
+    """Measure one configuration in a fresh Python process (see the module docs and
+    `measure_memory_here`)."""
     with tempfile.TemporaryDirectory(prefix="localearn-memory-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "localearn.measure", "--worker", spec.model_dump_json(),
-               str(steps), str(out)]
+               str(steps), str(out)] + ([] if rss_pass else ["--no-rss-pass"])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 2:
             lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("localearn: error:")]
@@ -352,20 +400,18 @@ def measure_memory(spec: RunSpec, steps: int = 2) -> MemoryResult:
 
 
 def memory_report(spec: RunSpec, vs: str | None = None, vs_k: int | None = None,
-                  steps: int = 2, progress: Callable[[str], None] | None = None) -> MemoryReport:
+                  steps: int = 2, rss_pass: bool = True,
+                  progress: Callable[[str], None] | None = None) -> MemoryReport:
     """Memory of ``spec`` and, with ``vs``, of that baseline rule on the same model and batch;
     each in its own fresh process."""
     spec = resolve(spec)
-    base = None
-    if vs:
-        base = resolve(spec.model_copy(update={"rule": vs, "k": vs_k if vs_k else spec.k}),
-                       fallback_k=vs_k is None)
+    base = baseline_spec(spec, vs, vs_k) if vs else None
     results = []
     for s in [spec] + ([base] if base else []):
         if progress:
             progress(f"measuring {s.label()} on {s.model}, batch {s.batch_size}, "
                      f"{s.input_size}x{s.input_size}, in a fresh process")
-        results.append(measure_memory(s, steps))
+        results.append(measure_memory(s, steps, rss_pass))
     report = MemoryReport(rule=results[0])
     if base:
         b = results[1]
@@ -400,13 +446,12 @@ def bench(spec: RunSpec, vs: str | None = "bp", vs_k: int | None = None, warmup:
           steps: int = 10, progress: Callable[[str], None] | None = None) -> BenchReport:
     """Step time, images/s, FLOPs/image and achieved FLOP/s of ``spec`` and of the baseline rule
     ``vs``, both in this process, timed interleaved after ``warmup`` steps each."""
-    if warmup < 0 or steps < 1:
-        raise UserError(f"--warmup must be >= 0 and --steps >= 1 (got {warmup}, {steps})")
+    if steps < 1:
+        raise UserError(f"invalid --steps: must be >= 1 (got {steps})")
+    if warmup < 0:
+        raise UserError(f"invalid --warmup: must be >= 0 (got {warmup})")
     spec = resolve(spec)
-    specs = [spec]
-    if vs:
-        specs.append(resolve(spec.model_copy(update={"rule": vs, "k": vs_k if vs_k else spec.k}),
-                             fallback_k=vs_k is None))
+    specs = [spec] + ([baseline_spec(spec, vs, vs_k)] if vs else [])
     device = resolve_device(spec.device)
     runs = [TrainingRun(s, device) for s in specs]
     if progress:
@@ -474,7 +519,8 @@ def format_memory(report: MemoryReport) -> str:
         ("gradients", [r.grad_bytes for r in results]),
         ("optimizer state", [r.optimizer_bytes for r in results]),
         ("peak training memory", [r.peak_bytes for r in results]),
-        ("peak RSS (process)", [r.peak_rss_bytes for r in results]),
+        ("peak RSS (process)" if all(r.rss_pass for r in results)
+         else "peak RSS (+ profiler)", [r.peak_rss_bytes for r in results]),
         ("RSS before the model", [r.rss_before_bytes for r in results]),
     ]
     header = [""] + [r.spec.label() for r in results] + (["ratio"] if len(results) > 1 else [])
@@ -511,10 +557,12 @@ def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="localearn.measure")
     parser.add_argument("--worker", required=True, help="RunSpec as JSON")
     parser.add_argument("steps", type=int)
+    parser.add_argument("--no-rss-pass", dest="rss_pass", action="store_false")
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     try:
-        result = measure_memory_here(RunSpec.model_validate_json(args.worker), args.steps)
+        result = measure_memory_here(RunSpec.model_validate_json(args.worker), args.steps,
+                                     args.rss_pass)
     except UserError as exc:
         print(f"localearn: error: {exc}", file=sys.stderr)
         return 2

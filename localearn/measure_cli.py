@@ -50,7 +50,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError(f"invalid --steps: must be >= 1 (got {args.steps})")
     report = memory_report(_spec(args), vs=_vs(args.vs), vs_k=args.vs_k, steps=args.steps,
-                           progress=_progress(args))
+                           rss_pass=args.rss_pass, progress=_progress(args))
     print(json.dumps(report.model_dump(mode="json"), indent=2) if args.json
           else format_memory(report))
     return 0
@@ -79,6 +79,9 @@ def add_commands(subparsers) -> None:
                      help="baseline rule measured on the same model and batch, e.g. bp "
                           "(default: none)")
     mem.add_argument("--steps", type=int, default=2, help="training steps (default: 2)")
+    mem.add_argument("--no-rss-pass", dest="rss_pass", action="store_false",
+                     help="on CPU, skip the unprofiled pass that measures the resident set: "
+                          "half the time, but the peak RSS then includes the profiler's buffers")
     mem.set_defaults(func=cmd_memory)
 
     b = subparsers.add_parser(

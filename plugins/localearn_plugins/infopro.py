@@ -54,8 +54,9 @@ def supcon_loss(features: Tensor, targets: Tensor, temperature: float = 0.07) ->
     z = F.normalize(features.float(), dim=1)
     n = z.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    with torch.autocast(z.device.type, enabled=False):  # similarities / 0.07 in fp32
+        logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positive = (targets.view(-1, 1) == targets.view(1, -1)) & ~eye
     count = positive.sum(1).clamp(min=1)
     mean_log_pos = log_prob.masked_fill(~positive, 0.0).sum(1) / count
@@ -104,9 +105,38 @@ class Decoder(nn.Module):
     def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.pre(features)
         for step in self.steps:  # progressive only: x2 then conv, the last x2 goes to ``size``
-            x = step(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+            x = step(resize(x, (2 * x.shape[-2], 2 * x.shape[-1])))
+        x = resize(x, size)
+        if x.device.type == "cpu":  # oneDNN runs these full-size convs ~3x faster in NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.out(x)
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize with aligned corners (what InfoPro's decoder uses), as two small matrix
+    products: the same numbers as ``F.interpolate``, several times faster on CPU forward and
+    backward; a no-op at the same size."""
+    h, w = size
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    rows = _interp_matrix(x.shape[-2], h, x)
+    cols = _interp_matrix(x.shape[-1], w, x)
+    return rows @ x @ cols.T
+
+
+def _interp_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in) weights of 1-d linear interpolation with aligned corners."""
+    m = torch.zeros(n_out, n_in, device=like.device)
+    if n_in == 1 or n_out == 1:
+        m[:, 0] = 1.0
+        return m.to(like.dtype)
+    pos = torch.arange(n_out, device=like.device) * ((n_in - 1) / (n_out - 1))
+    low = pos.floor().long().clamp(max=n_in - 2)
+    frac = pos - low
+    idx = torch.arange(n_out, device=like.device)
+    m[idx, low] = 1.0 - frac
+    m[idx, low + 1] += frac
+    return m.to(like.dtype)
 
 
 def _scaled(width: int, widen: float) -> int:
@@ -260,11 +290,21 @@ class InfoPro(LocalRule):
         self.head, self.widen, self.feature_dim = head, widen, feature_dim
         self.temperature, self.decoder = temperature, decoder
         self.model: str | None = None  # set by `configure`; picks the row of `DEFAULTS`
+        self.configured = False
+
+    def num_modules(self, requested: int | None, num_units: int) -> int:
+        # The engine asks this before any head is built, so a decorator rule that calls
+        # `make_head` without `setup` still gets the right model's defaults (by unit count).
+        if not self.configured:
+            self.model = {16: "resnet32", 55: "resnet110"}.get(num_units)
+        return super().num_modules(requested, num_units)
 
     def configure(self, net: SplitNetwork) -> None:
         """Learn which backbone ``net`` is, for the per-model defaults. `setup` calls it; a
-        decorator rule that calls `make_head` directly should call it first."""
+        decorator rule that calls `make_head` directly should call it first (without it, the
+        model is guessed from the unit count and InfoPro*'s split is not recognised)."""
         self.model = identify(net)
+        self.configured = True
 
     def ramp_ends(self, num_modules: int) -> dict[str, float]:
         """``ixx_1, ixx_2, ixy_1, ixy_2`` in force for K = ``num_modules``: the user's values,
