@@ -335,7 +335,7 @@ def test_unknown_split_policy_names_the_valid_ones():
 
 @pytest.mark.slow
 def test_infopro_k16_learns_digits(tmp_path):
-    cfg = make_config(rule="infopro", model="resnet32", k=16, dataset="digits", epochs=8,
+    cfg = make_config(rule="infopro", model="resnet32", k=16, dataset="digits", epochs=4,
                       batch_size=64, lr=0.1, progress=False, output_dir=tmp_path, device="cpu")
     result = fit(cfg)
     assert result.test_acc > 0.85
