@@ -236,7 +236,13 @@ class LocalRule(UpdateRule):
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         """The auxiliary head of module ``index`` (0 <= index < num_modules - 1)."""
 
+    def configure(self, net: SplitNetwork) -> None:
+        """Learn what is needed about ``net`` before heads are made (e.g. which backbone it is,
+        for per-model defaults). `setup` calls it first; a decorator rule that calls `make_head`
+        itself (MLAAN) calls it too. The default does nothing."""
+
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
+        self.configure(net)
         self.heads = nn.ModuleList(
             self.make_head(i, net.k, shape, info) for i, shape in enumerate(net.feature_shapes)
         )

@@ -93,6 +93,20 @@ def test_make_head_without_setup_uses_the_unit_count():
     assert rule.model == "resnet32"
 
 
+def test_mlaan_over_infopro_takes_the_infopro_star_defaults():
+    # MLAAN builds its heads through make_head; it must configure the base from the split
+    # network first, so a ResNet-110 cut at InfoPro*'s published points gets InfoPro*'s table
+    # (5, 5, 0, 0.1 at K=3), not the even split's (5, 5, 0.5, 0.5 at the nearest K=2).
+    alone, _, alone_heads = setup_rule("infopro", "resnet110", 3, "balanced")
+    rule, net, aux = setup_rule("mlaan(infopro, p=1)", "resnet110", 3, "balanced")
+    assert rule.base.model == alone.model == "resnet110*"
+    for heads in (aux["heads"], aux["cascade_heads"]):
+        assert [(h.ixx, h.ixy) for h in heads] == [(5.0, 0.0), (5.0, 0.1)]
+    assert [(h.ixx, h.ixy) for h in alone_heads] == [(5.0, 0.0), (5.0, 0.1)]
+    even, _, _ = setup_rule("mlaan(infopro, p=1)", "resnet110", 3, "even")
+    assert even.base.model == "resnet110"
+
+
 def test_zero_weight_heads_are_not_built():
     # ResNet-110 K=4 defaults: ixx 1 -> 0, ixy 0 -> 1
     _, _, heads = setup_rule("infopro", "resnet110", 4)

@@ -39,7 +39,8 @@ def test_single_forward_step_equals_naive_oracle(model, data):
     p = data.draw(st.integers(0, 4), label="p")
     which = data.draw(st.sampled_from(["first", "all"]), label="ema_blocks")
     fuse = data.draw(st.booleans(), label="fuse")
-    text = f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse})"
+    recompute = data.draw(st.booleans(), label="recompute")
+    text = f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse}, recompute={recompute})"
     rule, net, aux = build(text, model, K)
     ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
     ref_rule = expr.build(text)
@@ -55,6 +56,44 @@ def test_single_forward_step_equals_naive_oracle(model, data):
             assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
 
 
+@pytest.mark.parametrize("text", ["mlaan(infopro, k=2, p=2)", "mlaan(infopro(loss=ce), k=3)"])
+def test_over_infopro_equals_naive_oracle(text):
+    # InfoPro's heads also read the input images (reconstruction target)
+    rule, net, aux = build(text, "resnet32", 5)
+    ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
+    ref_rule = expr.build(text)
+    ref_rule.setup(ref_net, INFO)
+    ref_rule.heads, ref_rule.cascade_heads = ref_aux["heads"], ref_aux["cascade_heads"]
+    ref_rule.copies, ref_rule.twins = ref_aux["copies"], ref_aux["twins"]
+    images, targets = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
+    rule.train_step(net, images, targets)
+    naive_step(ref_rule, ref_net, images, targets)
+    checked = 0
+    for g, r in zip(grads(net, aux), grads(ref_net, ref_aux)):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+            checked += 1
+    assert checked > 0
+
+
+def test_recompute_keeps_batchnorm_statistics_and_matches_the_kept_graphs():
+    # the same step with and without recompute: equal gradients and equal BN running stats
+    # (a recomputed forward must not update them a second time)
+    plain, net, aux = build("mlaan(dgl, k=3, p=2)", "resnet32", 8)
+    again, net2, aux2 = build("mlaan(dgl, k=3, p=2, recompute=true)", "resnet32", 8)
+    images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    plain.train_step(net, images, targets)
+    again.train_step(net2, images, targets)
+    assert any("@ module 0" in t for t in again.trace[again.trace.index("cascade 2"):])
+    for g, r in zip(grads(net, aux), grads(net2, aux2)):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+    for b, c in zip(net.buffers(), net2.buffers()):
+        assert torch.equal(b, c)
+
+
 def traced_reach(rule, net, aux):
     """Which parameters each loss's backward passes touch, by hooks on every parameter."""
     touched: dict[str, set[int]] = {}
@@ -67,9 +106,10 @@ def traced_reach(rule, net, aux):
     return touched, names
 
 
-@pytest.mark.parametrize("K,k", [(6, 3), (5, 2), (16, 3), (4, 5)])
-def test_each_loss_reaches_exactly_its_parameters(K, k):
-    rule, net, aux = build(f"mlaan(dgl, k={k}, fuse=false)", "resnet32", K)
+@pytest.mark.parametrize("K,k,recompute", [(6, 3, False), (5, 2, False), (16, 3, False),
+                                           (4, 5, False), (6, 3, True)])
+def test_each_loss_reaches_exactly_its_parameters(K, k, recompute):
+    rule, net, aux = build(f"mlaan(dgl, k={k}, fuse=false, recompute={recompute})", "resnet32", K)
     touched, _ = traced_reach(rule, net, aux)
 
     def ids(*mods):
@@ -144,3 +184,17 @@ def test_trains_on_digits_above_90_percent(rule, K, tmp_path):
                       output_dir=tmp_path)
     result = fit(cfg)
     assert result.test_acc > 0.90, result.history
+
+
+def test_recompute_lowers_the_peak_of_live_tensors():
+    # same step, same data: recompute keeps no module graph and checkpoints the LAM blocks
+    from functools import partial
+
+    from localearn.measure import cpu_peak
+
+    images, targets = torch.randn(64, 3, 32, 32), torch.arange(64) % 10
+    peaks = {}
+    for flag in (False, True):
+        rule, net, _ = build(f"mlaan(dgl, recompute={flag})", "resnet32", 8)
+        _, peaks[flag] = cpu_peak(partial(rule.train_step, net, images, targets))
+    assert peaks[True] < 0.8 * peaks[False], peaks

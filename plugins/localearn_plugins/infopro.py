@@ -300,9 +300,9 @@ class InfoPro(LocalRule):
         return super().num_modules(requested, num_units)
 
     def configure(self, net: SplitNetwork) -> None:
-        """Learn which backbone ``net`` is, for the per-model defaults. `setup` calls it; a
-        decorator rule that calls `make_head` directly should call it first (without it, the
-        model is guessed from the unit count and InfoPro*'s split is not recognised)."""
+        """Learn which backbone ``net`` is, for the per-model defaults (`setup` and MLAAN's
+        setup call it; without it the model is guessed from the unit count and InfoPro*'s
+        split is not recognised)."""
         self.model = identify(net)
         self.configured = True
 
@@ -332,7 +332,3 @@ class InfoPro(LocalRule):
                             "make one of its weights positive")
         return InfoProHead(shape, info, ixx, ixy, self.loss_mode, self.head, self.widen,
                            self.feature_dim, self.temperature, self.decoder)
-
-    def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
-        self.configure(net)
-        return super().setup(net, info)

@@ -15,8 +15,14 @@ pass gradients through; twins of the same real block are one module.
 
 Unlike the public code, every backbone module runs forward once per step: the graphs of the last
 k modules are kept and each cascade's gradient is routed back through them, a graph freed once no
-later cascade needs it. Fixed here against that code: every module's twin is updated (not only
-the last), no loss is discarded, module 0 has its losses, and the cascade depth is the paper's k.
+later cascade needs it. ``recompute=true`` trades compute for memory: no module graph is kept (a
+module's first forward runs without one, and every backward pass through it runs it forward
+again from its kept input, BatchNorm statistics put back afterwards), and each LAM block keeps
+only its input and is run again in its backward (activation checkpointing; a copy's BatchNorm
+statistics, unused outside training, are then updated twice). That costs up to k extra forwards
+of every module and one of every LAM. Fixed here against the public code: every module's twin is
+updated (not only the last), no loss is discarded, module 0 has its losses, and the cascade depth
+is the paper's k.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, LocalRule, SplitNetwork, StepResult, UpdateRule
@@ -62,6 +69,11 @@ def parse_leaps(text: str) -> dict[int, list[int]]:
     return table
 
 
+def _leap(block: nn.Module, twin: nn.Module | None, z: Tensor) -> Tensor:
+    """One step of a LAM: a trained copy, plus its EMA twin's output where it has one."""
+    return block(z) if twin is None else block(z) + twin(z)
+
+
 class MLAAN(UpdateRule):
     """MLAAN over a base rule: cascades of depth k plus leap-augmented auxiliary networks."""
 
@@ -71,7 +83,7 @@ class MLAAN(UpdateRule):
 
     def __init__(self, base: UpdateRule, k: int = 3, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
-                 leaps: str | None = None, fuse: bool = True) -> None:
+                 leaps: str | None = None, fuse: bool = True, recompute: bool = False) -> None:
         if not isinstance(base, LocalRule):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
@@ -83,6 +95,7 @@ class MLAAN(UpdateRule):
             raise ValueError(f"ema must lie in [0, 1] (got {ema})")
         self.base, self.k, self.wx, self.wy = base, k, wx, wy
         self.ema, self.p, self.ema_blocks, self.fuse = ema, p, ema_blocks, fuse
+        self.recompute = recompute
         self.leap_table = parse_leaps(leaps) if leaps else {}
         self.trace: list[str] = []  # names of the loss being back-propagated (for tests)
 
@@ -92,6 +105,7 @@ class MLAAN(UpdateRule):
     # -- construction ---------------------------------------------------------------------
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         K = net.k
+        self.base.configure(net)  # e.g. InfoPro's per-model defaults and InfoPro* split
         self.blocks: list[list[int]] = []
         heads, cascade_heads, copies = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         twins = nn.ModuleDict()
@@ -133,10 +147,12 @@ class MLAAN(UpdateRule):
     def lam_forward(self, i: int, z: Tensor) -> Tensor:
         """LAM_i: the trained copies in order, the twins' outputs added where they exist."""
         for j, (b, block) in enumerate(zip(self.blocks[i], self.copies[i])):
-            out = block(z)
-            if j == 0 or self.ema_blocks == "all":
-                out = out + self.twins[str(b)](z)
-            z = out
+            twin = self.twins[str(b)] if j == 0 or self.ema_blocks == "all" else None
+            if self.recompute and torch.is_grad_enabled():
+                # keep only each block's input; its activations are rebuilt in the backward
+                z = checkpoint(_leap, block, twin, z, use_reentrant=False)
+            else:
+                z = _leap(block, twin, z)
         return z
 
     def after_step(self) -> None:
@@ -169,9 +185,13 @@ class MLAAN(UpdateRule):
         x = images
         for i, module in enumerate(net.local_modules):
             a = x.detach().requires_grad_(i > 0)
-            o = module(a)
+            if self.recompute:  # no graph now: each backward through module i rebuilds it
+                with torch.no_grad():
+                    o = module(a)
+            else:
+                o = module(a)
             ins.append(a)
-            outs.append(o)
+            outs.append(None if self.recompute else o)
             leaf = o.detach().requires_grad_()
             if i < K - 1:
                 indep = self.heads[i].loss(leaf, targets, images)
@@ -192,7 +212,7 @@ class MLAAN(UpdateRule):
                 final = nn.functional.cross_entropy(leaf, targets)
                 grad = self._head_grad("final", final, leaf)
                 self._route(net, "final", i, grad, ins, outs, pending)
-            x = o
+            x = o.detach()  # module i's graph lives in outs[i] only, freed there
         return StepResult(loss=final.item(), logits=o.detach(), local_losses=local)
 
     def _route(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
@@ -219,10 +239,19 @@ class MLAAN(UpdateRule):
                          go_on: bool, last: bool, ins: list, outs: list) -> Tensor | None:
         """One backward pass through module j; returns the gradient at its input if asked."""
         self.trace.append(f"{name} @ module {j}")
-        a = ins[j]
-        params = list(net.local_modules[j].parameters())
+        a, out, module = ins[j], outs[j], net.local_modules[j]
+        keep = not last
+        saved = None
+        if out is None:  # recompute: the same forward again, BatchNorm statistics put back
+            saved = [b.clone() for b in module.buffers()]
+            out, keep = module(a), False
+        params = list(module.parameters())
         targets = [*params, a] if go_on else params
-        torch.autograd.backward(outs[j], grad, inputs=targets, retain_graph=not last)
+        torch.autograd.backward(out, grad, inputs=targets, retain_graph=keep)
+        if saved is not None:  # after the backward, which checks the buffers' versions
+            with torch.no_grad():
+                for b, old in zip(module.buffers(), saved):
+                    b.copy_(old)
         if not go_on:
             return None
         g, a.grad = a.grad, None
@@ -236,8 +265,8 @@ class MLM(MLAAN):
     description = "MLAAN ablation: cascades of depth k only, no leap-augmented modules"
 
     def __init__(self, base: UpdateRule, k: int = 3, wx: float = 0.001,
-                 wy: float = 0.999) -> None:
-        super().__init__(base, k=k, wx=wx, wy=wy, p=0)
+                 wy: float = 0.999, recompute: bool = False) -> None:
+        super().__init__(base, k=k, wx=wx, wy=wy, p=0, recompute=recompute)
 
 
 class LAM(MLAAN):
