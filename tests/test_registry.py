@@ -57,3 +57,10 @@ def test_rule_from_a_throwaway_distribution_trains(tmp_path, monkeypatch):
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    # and MLAAN decorates the third party's rule like a first-party one
+    cfg = make_config(rule="mlaan(probe, k=2, p=2)", k=4, epochs=2, train_limit=256,
+                      test_limit=100, batch_size=32, lr=0.05, progress=False,
+                      output_dir=tmp_path / "mlaan")
+    result = fit(cfg)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
