@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlaan_reference import naive_step
+from torch import nn
 
 from localearn import expr
 from localearn.config import make_config
@@ -184,6 +185,23 @@ def test_trains_on_digits_above_90_percent(rule, K, tmp_path):
                       output_dir=tmp_path)
     result = fit(cfg)
     assert result.test_acc > 0.90, result.history
+
+
+def test_recompute_draws_the_same_dropout_masks():
+    # a module that draws random numbers (dropout after unit 3) must see the same masks when
+    # it is run again for a backward pass, or its gradients would belong to another forward
+    grads_of = {}
+    for flag in (False, True):
+        rule, net, aux = build(f"mlaan(dgl, k=3, p=1, recompute={flag})", "resnet32", 6)
+        net.units[3].register_forward_hook(
+            lambda m, i, out: nn.functional.dropout(out, 0.5, training=True))
+        torch.manual_seed(1)
+        rule.train_step(net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+        grads_of[flag] = grads(net, aux)
+    for g, r in zip(grads_of[False], grads_of[True]):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
 
 
 def test_recompute_lowers_the_peak_of_live_tensors():

@@ -17,12 +17,12 @@ Unlike the public code, every backbone module runs forward once per step: the gr
 k modules are kept and each cascade's gradient is routed back through them, a graph freed once no
 later cascade needs it. ``recompute=true`` trades compute for memory: no module graph is kept (a
 module's first forward runs without one, and every backward pass through it runs it forward
-again from its kept input, BatchNorm statistics put back afterwards), and each LAM block keeps
-only its input and is run again in its backward (activation checkpointing; a copy's BatchNorm
-statistics, unused outside training, are then updated twice). That costs up to k extra forwards
-of every module and one of every LAM. Fixed here against the public code: every module's twin is
-updated (not only the last), no loss is discarded, module 0 has its losses, and the cascade depth
-is the paper's k.
+again from its kept input with the same random state, BatchNorm statistics put back afterwards),
+and each LAM block keeps only its input and is run again in its backward (activation
+checkpointing; a copy's BatchNorm statistics, unused outside training, are then updated twice).
+That costs up to k extra forwards of every module and one of every LAM. Fixed here against the
+public code: every module's twin is updated (not only the last), no loss is discarded, module 0
+has its losses, and the cascade depth is the paper's k.
 """
 
 from __future__ import annotations
@@ -72,6 +72,17 @@ def parse_leaps(text: str) -> dict[int, list[int]]:
 def _leap(block: nn.Module, twin: nn.Module | None, z: Tensor) -> Tensor:
     """One step of a LAM: a trained copy, plus its EMA twin's output where it has one."""
     return block(z) if twin is None else block(z) + twin(z)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class MLAAN(UpdateRule):
@@ -182,10 +193,12 @@ class MLAAN(UpdateRule):
         outs: list[Tensor | None] = []  # output of each module, its graph kept while needed
         pending: list[Tensor | None] = [None] * K  # independent-loss gradient at each output
         local: list[float] = []
+        self._rng: dict[int, tuple] = {}
         x = images
         for i, module in enumerate(net.local_modules):
             a = x.detach().requires_grad_(i > 0)
             if self.recompute:  # no graph now: each backward through module i rebuilds it
+                self._rng[i] = _rng_state(a.device)  # so dropout draws the same masks again
                 with torch.no_grad():
                     o = module(a)
             else:
@@ -244,7 +257,9 @@ class MLAAN(UpdateRule):
         saved = None
         if out is None:  # recompute: the same forward again, BatchNorm statistics put back
             saved = [b.clone() for b in module.buffers()]
-            out, keep = module(a), False
+            with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
+                _set_rng_state(a.device, self._rng[j])
+                out, keep = module(a), False
         params = list(module.parameters())
         targets = [*params, a] if go_on else params
         torch.autograd.backward(out, grad, inputs=targets, retain_graph=keep)
