@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from localearn import expr
 from localearn.engine import build_network
 from localearn.interfaces import DataInfo
+from localearn.measure import cpu_memory_events
 
 
 def labelled(fn: Callable, label: Callable[..., str]) -> Callable:
@@ -54,10 +55,9 @@ def main() -> None:
     step()  # optimizer state exists before the profiled step, as in every later step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = list(prof.profiler.kineto_results.events())
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
-    phases = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
+    memory = cpu_memory_events(prof)
+    phases = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name())
+                    for e in prof.profiler.kineto_results.events()
                     if e.name().startswith("phase: "))
     live = peak = 0
     at_peak = 0

@@ -339,9 +339,14 @@ def cpu_peak(fn: Callable[[], T]) -> tuple[T, int]:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
-    return result, replay_peak(events)
+    return result, replay_peak(cpu_memory_events(prof))
+
+
+def cpu_memory_events(prof: torch.profiler.profile) -> list[tuple[int, int]]:
+    """``(time_ns, signed bytes)`` of every CPU allocation and free a finished
+    ``profile(profile_memory=True)`` recorded, in time order."""
+    return sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
 
 
 # --------------------------------------------------------------------------- memory

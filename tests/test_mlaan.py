@@ -32,6 +32,30 @@ def grads(*modules):
             for m in modules for p in m.parameters()]
 
 
+def with_naive_twin(text: str, model: str, K: int):
+    """The rule, network and aux, and a reference rule and network holding copies of the same
+    weights, for `naive_step`."""
+    rule, net, aux = build(text, model, K)
+    ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
+    ref_rule = expr.build(text)
+    ref_rule.setup(ref_net, INFO)
+    ref_rule.heads, ref_rule.cascade_heads = ref_aux["heads"], ref_aux["cascade_heads"]
+    ref_rule.copies, ref_rule.twins = ref_aux["copies"], ref_aux["twins"]
+    return (rule, net, aux), (ref_rule, ref_net, ref_aux)
+
+
+def assert_same_grads(got, want) -> int:
+    """Same tensors present, each equal up to summation order relative to its scale; returns
+    how many were compared."""
+    compared = 0
+    for g, r in zip(got, want, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+            compared += 1
+    return compared
+
+
 @settings(max_examples=10, deadline=None)
 @given(model=st.sampled_from(sorted(UNITS)), data=st.data())
 def test_single_forward_step_equals_naive_oracle(model, data):
@@ -42,40 +66,21 @@ def test_single_forward_step_equals_naive_oracle(model, data):
     fuse = data.draw(st.booleans(), label="fuse")
     recompute = data.draw(st.booleans(), label="recompute")
     text = f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse}, recompute={recompute})"
-    rule, net, aux = build(text, model, K)
-    ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
-    ref_rule = expr.build(text)
-    ref_rule.setup(ref_net, INFO)
-    ref_rule.heads, ref_rule.cascade_heads = ref_aux["heads"], ref_aux["cascade_heads"]
-    ref_rule.copies, ref_rule.twins = ref_aux["copies"], ref_aux["twins"]
+    (rule, net, aux), (ref_rule, ref_net, ref_aux) = with_naive_twin(text, model, K)
     images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     rule.train_step(net, images, targets)
     naive_step(ref_rule, ref_net, images, targets)
-    for g, r in zip(grads(net, aux), grads(ref_net, ref_aux)):
-        assert (g is None) == (r is None)
-        if g is not None:  # tight, relative to the tensor's scale (summation order differs)
-            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+    assert_same_grads(grads(net, aux), grads(ref_net, ref_aux))
 
 
 @pytest.mark.parametrize("text", ["mlaan(infopro, k=2, p=2)", "mlaan(infopro(loss=ce), k=3)"])
 def test_over_infopro_equals_naive_oracle(text):
     # InfoPro's heads also read the input images (reconstruction target)
-    rule, net, aux = build(text, "resnet32", 5)
-    ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
-    ref_rule = expr.build(text)
-    ref_rule.setup(ref_net, INFO)
-    ref_rule.heads, ref_rule.cascade_heads = ref_aux["heads"], ref_aux["cascade_heads"]
-    ref_rule.copies, ref_rule.twins = ref_aux["copies"], ref_aux["twins"]
+    (rule, net, aux), (ref_rule, ref_net, ref_aux) = with_naive_twin(text, "resnet32", 5)
     images, targets = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
     rule.train_step(net, images, targets)
     naive_step(ref_rule, ref_net, images, targets)
-    checked = 0
-    for g, r in zip(grads(net, aux), grads(ref_net, ref_aux)):
-        assert (g is None) == (r is None)
-        if g is not None:
-            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
-            checked += 1
-    assert checked > 0
+    assert assert_same_grads(grads(net, aux), grads(ref_net, ref_aux)) > 0
 
 
 def test_recompute_keeps_batchnorm_statistics_and_matches_the_kept_graphs():
@@ -87,10 +92,7 @@ def test_recompute_keeps_batchnorm_statistics_and_matches_the_kept_graphs():
     plain.train_step(net, images, targets)
     again.train_step(net2, images, targets)
     assert any("@ module 0" in t for t in again.trace[again.trace.index("cascade 2"):])
-    for g, r in zip(grads(net, aux), grads(net2, aux2)):
-        assert (g is None) == (r is None)
-        if g is not None:
-            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+    assert_same_grads(grads(net, aux), grads(net2, aux2))
     for b, c in zip(net.buffers(), net2.buffers()):
         assert torch.equal(b, c)
 
@@ -198,10 +200,7 @@ def test_recompute_draws_the_same_dropout_masks():
         torch.manual_seed(1)
         rule.train_step(net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
         grads_of[flag] = grads(net, aux)
-    for g, r in zip(grads_of[False], grads_of[True]):
-        assert (g is None) == (r is None)
-        if g is not None:
-            assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
+    assert_same_grads(grads_of[True], grads_of[False])
 
 
 def test_recompute_lowers_the_peak_of_live_tensors():
