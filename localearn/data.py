@@ -22,6 +22,12 @@ from localearn.interfaces import DataInfo
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+SVHN_CLASSES = DIGIT_CLASSES  # label 0 is the digit 0 (torchvision maps SVHN's 10 to 0)
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                 "truck")
 
 
 @dataclass
@@ -106,7 +112,7 @@ def digits(data_dir: Path | None = None, *, download: bool = False,
     std = float(x[idx_train].float().std() / 255)
     norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean] * 3, [std] * 3)])
     train_tf = v2.Compose([v2.RandomCrop(32, padding=2), norm])
-    info = DataInfo(10, (3, 32, 32), (mean,) * 3, (std,) * 3)
+    info = DataInfo(10, (3, 32, 32), (mean,) * 3, (std,) * 3, DIGIT_CLASSES)
     return DataSplits(TensorImages(x[idx_train], y[idx_train], train_tf),
                       TensorImages(x[idx_test], y[idx_test], norm), info)
 
@@ -137,7 +143,7 @@ def cifar10(data_dir: Path | None = None, *, download: bool = False,
                        transform=v2.Compose([to_tensor, test_tf]))
     except RuntimeError as exc:
         raise UserError(f"CIFAR-10 in {root} is unreadable: {exc}") from None
-    info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD)
+    info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, CIFAR10_CLASSES)
     return DataSplits(_subset(train, train_limit), _subset(test, test_limit), info)
 
 
@@ -192,7 +198,7 @@ def cifar10_shards(data_dir: Path | None = None, *, download: bool = False,
         samples = _split_entry(manifest, name).get("samples")
         splits.append(ShardStream(urls, tf, samples=samples, limit=limit,
                                   num_classes=10, train=train, seed=seed))
-    info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD)
+    info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, CIFAR10_CLASSES)
     return DataSplits(splits[0], splits[1], info)
 
 
@@ -385,7 +391,7 @@ def svhn(data_dir: Path | None = None, *, download: bool = False,
         x, y = read_svhn(found / SVHN_FILES[split])
         n = _limit(limit, len(y))
         out.append(TensorImages(x[:n], y[:n], tf))
-    return DataSplits(out[0], out[1], DataInfo(10, (3, 32, 32), HALF, HALF))
+    return DataSplits(out[0], out[1], DataInfo(10, (3, 32, 32), HALF, HALF, SVHN_CLASSES))
 
 
 def read_stl10(images: Path, labels: Path) -> tuple[Tensor, Tensor]:
@@ -432,7 +438,7 @@ def stl10(data_dir: Path | None = None, *, download: bool = False,
         n = _limit(limit, len(y))
         out.append(TensorImages(x[:n], y[:n], tf))
     # 10 classes: the public MLAAN/InfoPro code builds a 100-way classifier here by a typo
-    return DataSplits(out[0], out[1], DataInfo(10, (3, 96, 96), HALF, HALF))
+    return DataSplits(out[0], out[1], DataInfo(10, (3, 96, 96), HALF, HALF, STL10_CLASSES))
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 0,

@@ -28,12 +28,14 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a head needs to know about the data: classes, input shape (C, H, W), normalisation."""
+    """What a head needs to know about the data: classes, input shape (C, H, W), normalisation,
+    and the class names in label order (empty when the dataset has none)."""
 
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Undo the input normalisation: the image as it was, in [0, 1]."""
