@@ -14,9 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from localearn import expr
-from localearn.engine import build_network
-from localearn.interfaces import DataInfo
+from localearn.interfaces import DataInfo, PlainContext
 from localearn.measure import cpu_memory_events
+from localearn.network import build_network
 
 
 def labelled(fn: Callable, label: Callable[..., str]) -> Callable:
@@ -48,7 +48,7 @@ def main() -> None:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        rule.train_step(net, x, y)
+        rule.train_step(PlainContext(), net, x, y)
         opt.step()
         rule.after_step()
 

@@ -18,8 +18,9 @@ import torch
 
 from localearn import expr
 from localearn.config import make_config
-from localearn.engine import build_network, fit
-from localearn.interfaces import DataInfo
+from localearn.engine import fit
+from localearn.interfaces import DataInfo, PlainContext
+from localearn.network import build_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from mlaan_reference import naive_step  # noqa: E402  (the oracle the tests use)
@@ -57,10 +58,10 @@ def step_times(args: argparse.Namespace) -> None:
     bp = expr.build("bp")
     bp_net = build_network("resnet32", None, bp, 10, INFO.input_shape)
     runs = {
-        "mlaan(dgl) single-forward": lambda: rule.train_step(net, images, targets),
+        "mlaan(dgl) single-forward": lambda: rule.train_step(PlainContext(), net, images, targets),
         "mlaan(dgl) naive reference": lambda: naive_step(rule, net, images, targets),
-        "mlaan(dgl, recompute=true)": lambda: lean.train_step(net, images, targets),
-        "bp": lambda: bp.train_step(bp_net, images, targets),
+        "mlaan(dgl, recompute=true)": lambda: lean.train_step(PlainContext(), net, images, targets),
+        "bp": lambda: bp.train_step(PlainContext(), bp_net, images, targets),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(args.bench_steps + 1):

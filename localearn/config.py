@@ -20,43 +20,51 @@ from localearn.errors import UserError
 class FitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rule: str = Field("dgl", description="rule expression, e.g. 'mlaan(dgl, k=3)'")
-    model: str = "resnet32"
-    k: int | None = Field(None, ge=1, description="number of local modules (default: the rule's)")
-    split: str = Field("even", description="how units are grouped into K modules")
-    dataset: str = "digits"
-    data_dir: Path | None = None
-    download: bool = False
-    train_limit: int | None = Field(None, ge=1, description="use only the first N train images")
-    test_limit: int | None = Field(None, ge=1, description="use only the first N test images")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(1e-4, ge=0)
+    rule: str = Field("dgl", description="rule expression, e.g. dgl or 'mlaan(dgl, k=3)'")
+    model: str = Field("resnet32", description="registered model (see: localearn models)")
+    k: int | None = Field(None, ge=1, description="number of local modules K, the stem counted "
+                                                  "as a unit (default: the rule's)")
+    split: str = Field("even", description="how units are grouped into K modules: even, or "
+                                           "balanced (InfoPro*'s memory-balanced split)")
+    dataset: str = Field("digits", description="registered dataset (see: localearn datasets)")
+    data_dir: Path | None = Field(None, description="where the dataset's files are")
+    download: bool = Field(False, description="let torchvision download the dataset")
+    train_limit: int | None = Field(None, ge=1, description="train on the first N images only")
+    test_limit: int | None = Field(None, ge=1, description="test on the first N images only")
+    epochs: int = Field(10, ge=1, description="passes over the training set")
+    batch_size: int = Field(128, ge=1, description="images per step (per process)")
+    lr: float = Field(0.1, gt=0, description="peak learning rate (SGD)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum (the paper's)")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
     warmup_epochs: float | None = Field(
-        None, ge=0, description="linear warm-up before the cosine decay (default 5% of the run)")
-    warmup_lr: float = Field(0.01, ge=0, description="lr at the start of the warm-up")
-    device: str = "auto"
-    seed: int = 0
-    workers: int = Field(0, ge=0)
-    output_dir: Path = Path("runs/latest")
-    progress: bool = True
+        None, ge=0, description="linear warm-up before the cosine decay (default: 5% of the run)")
+    warmup_lr: float = Field(0.01, ge=0, description="learning rate at the start of the warm-up")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    seed: int = Field(0, description="seed of weights, data order and augmentation")
+    workers: int = Field(0, ge=0, description="data-loader worker processes")
+    output_dir: Path = Field(Path("runs/latest"), description="where metrics and checkpoints go")
+    progress: bool = Field(True, description="show a progress bar")
     # engine: precision, speed, checkpoints, logs, distribution (docs/engine.md)
     precision: Literal["32", "bf16", "16"] = Field(
         "32", description="32: float32; bf16/16: autocast (16 adds a gradient scaler)")
-    channels_last: bool = False
-    compile: bool = Field(False, description="torch.compile every local module and head")
+    channels_last: bool = Field(False, description="channels-last memory format for model and "
+                                                   "inputs")
+    compile: bool = Field(False, description="torch.compile the modules each rule names "
+                                             "(local modules, heads, MLAAN's copies and twins)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N steps (always at each epoch end)")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     resume: str | None = Field(
-        None, description="'latest' (newest in output_dir), a checkpoint file or a run folder")
+        None, description="continue a run: alone, from the newest checkpoint in --output-dir; "
+        "or from a checkpoint file or run folder",
+        json_schema_extra={"flag": {"nargs": "?", "const": "latest", "metavar": "PATH"}})
     log_every: int = Field(50, ge=1, description="write a steps.jsonl row every N steps")
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, description="also write TensorBoard events to "
+                                                 "OUTPUT_DIR/tb")
     sync_bn: bool = Field(False, description="SyncBatchNorm across ranks (GPUs only)")
-    nproc: int = Field(1, ge=1, description="processes to launch on this machine (torchrun)")
+    nproc: int = Field(1, ge=1, description="train data-parallel with N processes on this "
+                                            "machine (via torchrun)")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -104,9 +112,6 @@ class FitConfig(BaseModel):
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
                              f"({self.epochs})")
         return self
-
-
-ConfigFormat = Literal["toml", "yaml"]
 
 
 def load_config(path: Path) -> dict[str, Any]:

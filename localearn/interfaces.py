@@ -14,16 +14,15 @@ The network the rule trains is a `SplitNetwork`: K gradient-isolated local modul
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from localearn.errors import UserError
-
-Shape = tuple[int, ...]
+from localearn.network import Shape, SplitNetwork
 
 
 @dataclass(frozen=True)
@@ -42,60 +41,6 @@ class DataInfo:
         mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
         std = images.new_tensor(self.std).view(1, -1, 1, 1)
         return (images * std + mean).clamp(0.0, 1.0)
-
-
-class SplitNetwork(nn.Module):
-    """A backbone cut into K local modules; ``forward`` equals the unsplit backbone's forward.
-
-    ``units`` are the backbone's units in order (stem first), shared with the modules, so a
-    rule can look up or copy later blocks; ``unit_ranges[i]`` lists the units of module i.
-    ``feature_shapes[i]`` is the output shape (C, H, W) of module i for i < K-1.
-    """
-
-    def __init__(
-        self,
-        units: Sequence[nn.Module],
-        classifier: nn.Module,
-        cuts: Sequence[int],
-        input_shape: tuple[int, int, int],
-    ) -> None:
-        super().__init__()
-        bounds = [0, *cuts, len(units)]
-        self.unit_ranges = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        groups: list[nn.Module] = []
-        for i, r in enumerate(self.unit_ranges):
-            parts = [units[j] for j in r]
-            if i == len(self.unit_ranges) - 1:
-                parts.append(classifier)
-            groups.append(nn.Sequential(*parts))
-        self.local_modules = nn.ModuleList(groups)
-        self.units = list(units)  # plain list: the parameters are registered once, above
-        self.input_shape = input_shape
-        self.unit_shapes = self._trace_shapes(input_shape)
-        self.feature_shapes = [self.unit_shapes[r[-1]] for r in self.unit_ranges[:-1]]
-
-    @property
-    def k(self) -> int:
-        return len(self.local_modules)
-
-    def _trace_shapes(self, input_shape: tuple[int, int, int]) -> list[Shape]:
-        """Output shape of every unit, found by one forward pass on a dummy batch."""
-        was_training = self.training
-        self.eval()
-        shapes: list[Shape] = []
-        param = next(self.parameters())
-        with torch.no_grad():
-            x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
-            for unit in self.units:
-                x = unit(x)
-                shapes.append(tuple(x.shape[1:]))
-        self.train(was_training)
-        return shapes
-
-    def forward(self, x: Tensor) -> Tensor:
-        for module in self.local_modules:
-            x = module(x)
-        return x
 
 
 class LocalModuleSplitter(ABC):
@@ -140,13 +85,14 @@ class LocalModuleSplitter(ABC):
         k: int,
         input_shape: tuple[int, int, int],
         policy: str = "even",
+        model_name: str = "",
     ) -> SplitNetwork:
         units = self.units(backbone)
         if not 1 <= k <= len(units):
             raise UserError(f"K={k} is out of range for this model: valid K is 1..{len(units)} "
                             f"({len(units)} units, the stem counted)")
         return SplitNetwork(units, self.classifier(backbone), self.cuts(len(units), k, policy),
-                            input_shape)
+                            input_shape, model_name=model_name, split=policy)
 
 
 class AuxHead(nn.Module, ABC):
@@ -165,14 +111,70 @@ class AuxHead(nn.Module, ABC):
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
         """The scalar local loss of this head on ``features``."""
 
+    def compile_parts(self) -> list[nn.Module]:
+        """The modules that do this head's work, for ``--compile``: the head itself when it
+        has a ``forward``, else its direct children (a head whose ``loss`` calls several
+        networks, such as InfoPro's decoder and classifier, overrides this)."""
+        if type(self).forward is not nn.Module.forward:
+            return [self]
+        return list(self.children())
+
 
 @dataclass
 class StepResult:
-    """What one training step reports: the final classifier's loss and logits, local losses."""
+    """What one training step reports, as detached tensors (the engine reads them on the host
+    once per step, not once per module): the final classifier's loss and logits, and one
+    local loss per auxiliary objective."""
 
-    loss: float
+    loss: Tensor
     logits: Tensor
-    local_losses: list[float] = field(default_factory=list)
+    local_losses: list[Tensor] = field(default_factory=list)
+
+
+@runtime_checkable
+class StepContext(Protocol):
+    """What the engine offers a rule during `UpdateRule.train_step`.
+
+    The engine owns precision, loss scaling and gradient reduction; a rule only says what to
+    back-propagate and when a group of parameters has its final gradient."""
+
+    def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
+        """Back-propagate a scalar loss (scaled first when fp16 gradient scaling is on)."""
+
+    def backward_from(self, outputs: Tensor | Sequence[Tensor], grads: Tensor | Sequence[Tensor],
+                      inputs: Sequence[Tensor] | None = None, *,
+                      retain_graph: bool = False) -> None:
+        """Continue a backward pass from ``outputs`` with gradients ``grads`` that came out of
+        an earlier `backward` (so they already carry any loss scale); with ``inputs``, only
+        those tensors receive gradient (``torch.autograd.backward``'s meaning)."""
+
+    def grads_ready(self, params: Iterable[nn.Parameter]) -> None:
+        """``params`` get no more gradient in this step (multi-process training starts their
+        all-reduce now, overlapping the rest of the step)."""
+
+
+class PlainContext:
+    """A `StepContext` without scaling or reduction: for calling a rule outside the engine
+    (tests, notebooks, examples)."""
+
+    def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
+        loss.backward(retain_graph=retain_graph)
+
+    def backward_from(self, outputs, grads, inputs=None, *, retain_graph: bool = False) -> None:
+        torch.autograd.backward(outputs, grads, inputs=inputs, retain_graph=retain_graph)
+
+    def grads_ready(self, params: Iterable[nn.Parameter]) -> None:
+        pass
+
+
+@runtime_checkable
+class HeadFactory(Protocol):
+    """What a decorator rule such as MLAAN needs of its base: heads, made for a network."""
+
+    def configure(self, net: SplitNetwork) -> None: ...
+
+    def make_head(self, index: int, num_modules: int, shape: Shape,
+                  info: DataInfo) -> AuxHead: ...
 
 
 class UpdateRule(ABC):
@@ -180,46 +182,78 @@ class UpdateRule(ABC):
 
     Options come from the rule expression as keyword arguments of ``__init__`` with type hints
     (``dgl(width=2)`` calls ``DGL(width=2)``); positional arguments are nested rules, which is
-    how a decorator rule such as ``mlaan(dgl)`` receives its base.
+    how a decorator rule such as ``mlaan(dgl)`` receives its base. The engine calls, in order:
+    `num_modules`, `configure` (once the network exists), `setup`, then per batch `train_step`
+    (with a `StepContext`), its own optimizer step, and `after_step`. See docs/plugins.md.
     """
 
-    name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    #: set by the engine: scales a loss before backward (fp16 gradient scaling); None = as is
-    loss_scale: Callable[[Tensor], Tensor] | None = None
-    #: set by the engine: told when a group of parameters has its final gradient for this step
-    #: (multi-GPU training starts their all-reduce then); None = nobody listens
-    grads_ready: Callable[[list[nn.Parameter]], None] | None = None
 
-    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
-        """Back-propagate one loss; rules call this rather than ``loss.backward()``."""
-        (self.loss_scale(loss) if self.loss_scale else loss).backward(retain_graph=retain_graph)
+    @property
+    def expression(self) -> str:
+        """The rule expression this rule was built from (`localearn.expr.build` sets it)."""
+        return getattr(self, "_expression", None) or type(self).__name__.lower()
 
-    def notify_grads_ready(self, params: list[nn.Parameter]) -> None:
-        """Rules call this once ``params`` will receive no more gradient in this step."""
-        if self.grads_ready is not None:
-            self.grads_ready(params)
-
-    def aux_groups(self, aux: nn.Module) -> dict[str, nn.Module]:
-        """The auxiliary module returned by `setup`, split by role for memory reports
-        (``heads``, ``copies``, ``twins``...); the default counts everything as heads."""
-        return {"heads": aux}
+    @expression.setter
+    def expression(self, text: str) -> None:
+        self._expression = text
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
         """The K to train with, given the user's request (None: the rule's default)."""
         return num_units if requested is None else requested
+
+    def configure(self, net: SplitNetwork) -> None:
+        """Learn what is needed about ``net`` before any head is made (which backbone it is,
+        how it was split: ``net.model_name``, ``net.split``). `build_network` calls it; the
+        default does nothing."""
 
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         """Build the auxiliary networks for ``net``; return them as one module (its trainable
         parameters join the optimizer, its state joins checkpoints)."""
         return nn.ModuleList()
 
+    def aux_groups(self, aux: nn.Module) -> dict[str, nn.Module]:
+        """The auxiliary module returned by `setup`, split by role for memory reports; the
+        role names are the rule's (MLAAN: ``heads``, ``copies``, ``twins``). The default counts
+        everything as ``heads``."""
+        return {"heads": aux}
+
+    def compile_targets(self, net: SplitNetwork, aux: nn.Module) -> list[nn.Module]:
+        """The modules ``--compile`` compiles in place: every module that does work in a step.
+        The default: the local modules and each auxiliary child's `AuxHead.compile_parts`."""
+        out: list[nn.Module] = list(net.local_modules)
+        for module in aux.modules():
+            if isinstance(module, AuxHead):
+                out.extend(module.compile_parts())
+        return out
+
     @abstractmethod
-    def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
-        """Run the forward and all backward passes of one batch; do not step the optimizer."""
+    def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
+                   targets: Tensor) -> StepResult:
+        """Run the forward and all backward passes of one batch through ``ctx``; do not step
+        the optimizer."""
 
     def after_step(self) -> None:
         """Called after every optimizer step (EMA updates and the like)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State outside the auxiliary module's parameters and buffers (plain values or
+        tensors), saved in checkpoints; the default has none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    # -- for rules written against the old ``train_step(net, images, targets)`` (deprecated):
+    # -- the engine lends them its context while their step runs
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """Deprecated: use ``ctx.backward(loss)`` in ``train_step(ctx, ...)``."""
+        (getattr(self, "_legacy_ctx", None) or PlainContext()).backward(
+            loss, retain_graph=retain_graph)
+
+    def notify_grads_ready(self, params: list[nn.Parameter]) -> None:
+        """Deprecated: use ``ctx.grads_ready(params)`` in ``train_step(ctx, ...)``."""
+        (getattr(self, "_legacy_ctx", None) or PlainContext()).grads_ready(params)
 
 
 class LocalRule(UpdateRule):
@@ -238,13 +272,8 @@ class LocalRule(UpdateRule):
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         """The auxiliary head of module ``index`` (0 <= index < num_modules - 1)."""
 
-    def configure(self, net: SplitNetwork) -> None:
-        """Learn what is needed about ``net`` before heads are made (e.g. which backbone it is,
-        for per-model defaults). `setup` calls it first; a decorator rule that calls `make_head`
-        itself (MLAAN) calls it too. The default does nothing."""
-
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
-        self.configure(net)
+        self.configure(net)  # again, for a network not made by build_network
         self.heads = nn.ModuleList(
             self.make_head(i, net.k, shape, info) for i, shape in enumerate(net.feature_shapes)
         )
@@ -264,14 +293,15 @@ class LocalRule(UpdateRule):
                 yield nn.functional.cross_entropy(out, targets), out
             x = out
 
-    def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
-        local: list[float] = []
+    def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
+                   targets: Tensor) -> StepResult:
+        local: list[Tensor] = []
         for i, (loss, out) in enumerate(self.losses(net, images, targets)):
-            self.backward(loss)
-            local.append(loss.item())
+            ctx.backward(loss)
+            local.append(loss.detach())
             logits = out
             params = list(net.local_modules[i].parameters())
             if i < len(self.heads):
                 params += list(self.heads[i].parameters())
-            self.notify_grads_ready(params)
+            ctx.grads_ready(params)
         return StepResult(loss=local[-1], logits=logits.detach(), local_losses=local[:-1])

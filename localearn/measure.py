@@ -1,10 +1,10 @@
 """Measure what local learning is for (memory) and what it costs (time and FLOPs).
 
-Both measurements run real training steps, built exactly as the engine builds a run: the rule
-from its expression, the network through the registry, ``rule.setup`` for the auxiliary
-networks, SGD with the `FitConfig` defaults, and per step ``zero_grad(set_to_none=True)``,
-``rule.train_step``, ``optimizer.step()``, ``rule.after_step()``. Inputs are synthetic random
-batches of the requested size: memory and time do not depend on the pixel values.
+Both measurements run real training steps of a run built by `localearn.build.build_run`, the
+very function `fit` builds with (rule, network, auxiliary networks, SGD with the `FitConfig`
+defaults, precision and memory format), each step being the engine's own `TrainStep`. Inputs
+are synthetic random batches of the requested size: memory and time do not depend on the pixel
+values.
 
 `measure_memory` runs each configuration in a fresh Python process, so its peak cannot include
 memory a previous configuration left behind (freed CPU memory often stays in the process, and
@@ -34,7 +34,6 @@ import argparse
 import ctypes
 import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,13 +49,13 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 
 from localearn import expr
+from localearn.build import build_run, resolve_device
 from localearn.config import FitConfig
-from localearn.engine import build_network, resolve_device, seed_everything
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, UpdateRule
+from localearn.network import build_network
+from localearn.runlog import peak_memory_bytes
 
-#: parameter roles every report shows, in this order; rules may add more through `aux_groups`
-ROLES = ("backbone", "heads", "copies", "twins")
 T = TypeVar("T")
 
 
@@ -74,6 +73,8 @@ class RunSpec(BaseModel):
     num_classes: int = Field(10, ge=2)
     device: str = "auto"
     seed: int = 0
+    precision: Literal["32", "bf16", "16"] = "32"
+    channels_last: bool = False
 
     @field_validator("device")
     @classmethod
@@ -198,51 +199,34 @@ def _network(spec: RunSpec, rule: UpdateRule) -> nn.Module:
 
 
 class TrainingRun:
-    """One rule on one model, training on a fixed synthetic batch exactly as the engine does."""
+    """One rule on one model, built by `build_run` and trained by the engine's `TrainStep` on a
+    fixed synthetic batch."""
 
     def __init__(self, spec: RunSpec, device: torch.device) -> None:
-        seed_everything(spec.seed)
         self.spec = spec
         self.device = device
-        self.rule = expr.build(spec.rule)
-        self.net = _network(spec, self.rule).to(device)
-        self.aux = self.rule.setup(self.net, spec.info).to(device)
+        cfg = FitConfig(rule=spec.rule, model=spec.model, k=spec.k, split=spec.split,
+                        batch_size=spec.batch_size, seed=spec.seed, device=str(device),
+                        precision=spec.precision, channels_last=spec.channels_last)
+        run = build_run(cfg, info=spec.info, device=device)
+        self.rule, self.net, self.aux = run.rule, run.net, run.aux
+        self.params, self.optimizer, self._step = run.params, run.optimizer, run.step
         self.net.train()
         self.aux.train()
-        defaults = FitConfig.model_fields
-        momentum = defaults["momentum"].default
-        params = _unique(p for p in [*self.net.parameters(), *self.aux.parameters()]
-                         if p.requires_grad)
-        self.params = params
-        self.optimizer = torch.optim.SGD(
-            params, lr=defaults["lr"].default, momentum=momentum,
-            nesterov=defaults["nesterov"].default and momentum > 0,
-            weight_decay=defaults["weight_decay"].default)
         shape = (spec.batch_size, 3, spec.input_size, spec.input_size)
         self.images = torch.randn(shape, device=device)
+        if spec.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.targets = torch.randint(0, spec.num_classes, (spec.batch_size,), device=device)
 
     def step(self) -> float:
         """One training step; returns the final classifier's loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        result = self.rule.train_step(self.net, self.images, self.targets)
-        self.optimizer.step()
-        self.rule.after_step()
-        return result.loss
+        totals = self._step(self.images, self.targets)
+        return totals[0] / totals[2]
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _unique(params) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 # --------------------------------------------------------------------------- byte accounting
@@ -257,8 +241,8 @@ def role_bytes(rule: UpdateRule, net: nn.Module, aux: nn.Module) -> tuple[dict[s
     """Parameter and buffer bytes by role: ``backbone`` (the split network), then the roles of
     ``rule.aux_groups(aux)``; a tensor shared by several roles counts once, in the first. Aux
     tensors that no group claims are reported as ``other`` so the totals stay complete."""
-    params = dict.fromkeys(ROLES, 0)
-    buffers = dict.fromkeys(ROLES, 0)
+    params: dict[str, int] = {}
+    buffers: dict[str, int] = {}
     seen: set[int] = set()
 
     def add(role: str, module: nn.Module) -> None:
@@ -291,20 +275,7 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _peak_rss() -> int:
-    """The process's peak resident set size in bytes.
-
-    On Linux this is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would not do, because Linux
-    carries it over fork and exec, so a worker started by a large parent reports the parent's
-    size. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on other systems)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return peak_memory_bytes(torch.device("cpu"))
 
 
 def _return_freed_memory() -> None:

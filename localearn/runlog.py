@@ -25,12 +25,27 @@ from typing import Any
 import torch
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak torch-allocated memory on a CUDA device, else the process's peak RSS, in MiB."""
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory in bytes: on a CUDA device, torch's peak allocation; else the process's peak
+    resident set size. On Linux that is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would not
+    do, because Linux carries it over fork and exec, so a worker started by a large parent
+    reports the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on others)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """`peak_memory_bytes` in MiB."""
+    return peak_memory_bytes(device) / 2**20
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 The single-process reference: each rank's BatchNorm normalises over its own half of the global
 batch, so a plain single-process step on the whole batch is a different computation. The
 reference therefore runs the same global batch as two micro-batches (the two ranks' halves,
-each loss scaled by 1/2 through the engine's ``loss_scale`` hook) and one optimizer step: in
+each loss scaled by 1/2 through the step context's ``backward``) and one optimizer step: in
 exact arithmetic that is what the two ranks compute together, BatchNorm in training mode
 included. Data order and augmentation are functions of (seed, epoch, index), so the reference
 sees exactly the samples and crops each rank saw.
@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 
 from localearn import distributed
 from localearn.config import FitConfig
-from localearn.engine import Trainer, evaluate, rules_of
-from localearn.sampling import SeededSamples, ShardSampler
+from localearn.data.sampling import SeededSamples, ShardSampler
+from localearn.engine import Trainer, evaluate
+from localearn.interfaces import PlainContext
 
 WORLD = 2
 RANK_BATCH = 16
@@ -55,8 +56,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         reducer_announce(params)
 
     # the rule's notifications reach the reducer: one announcement per module per step
-    for rule in rules_of(trainer.rule):
-        rule.grads_ready = lambda ps, f=spy: f(list(ps))
+    trainer.stepper.ctx.grads_ready = lambda ps, f=spy: f(list(ps))
     result = trainer.fit()
     torch.save({"params": {n: p.detach().clone() for n, p in
                            [*trainer.net.named_parameters(), *trainer.aux.named_parameters()]},
@@ -91,8 +91,12 @@ def _reference(tmp_path: Path) -> Trainer:
     """One process, global batch = both ranks' halves as two micro-batches per step."""
     cfg = FitConfig(**SETTINGS, batch_size=RANK_BATCH * WORLD, output_dir=tmp_path / "single")
     t = Trainer(cfg)
-    for rule in rules_of(t.rule):
-        rule.loss_scale = lambda loss: loss / WORLD
+
+    class Halved(PlainContext):  # each rank's loss is half of the global batch's
+        def backward(self, loss, *, retain_graph=False):
+            super().backward(loss / WORLD, retain_graph=retain_graph)
+
+    ctx = Halved()
     samplers = [ShardSampler(len(t.data.train), shuffle=True, seed=cfg.seed, rank=r,
                              world_size=WORLD) for r in range(WORLD)]
     data = SeededSamples(t.data.train, cfg.seed)
@@ -111,7 +115,7 @@ def _reference(tmp_path: Path) -> Trainer:
                 samples = [data[i] for i in shard[b * RANK_BATCH:(b + 1) * RANK_BATCH]]
                 images = torch.stack([x for x, _ in samples])
                 targets = torch.tensor([y for _, y in samples])
-                t.rule.train_step(t.net, images, targets)
+                t.rule.train_step(ctx, t.net, images, targets)
             t.optimizer.step()
             t.rule.after_step()
             t.step += 1

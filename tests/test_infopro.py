@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from localearn import expr
 from localearn.config import make_config
-from localearn.engine import build_network, fit
+from localearn.engine import fit
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, SplitNetwork
 from localearn.models.cifar_resnet import (
@@ -24,6 +24,7 @@ from localearn.models.cifar_resnet import (
     resnet110,
     unit_costs,
 )
+from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 32, 32), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
 UNITS = {"resnet32": 16, "resnet110": 55}

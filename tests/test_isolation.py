@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localearn import expr
-from localearn.engine import build_network
 from localearn.interfaces import DataInfo
+from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
 UNITS = {"resnet32": 16, "resnet110": 55}

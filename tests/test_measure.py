@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from localearn.cli import main
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo, SplitNetwork, StepResult, UpdateRule
+from localearn.interfaces import DataInfo, PlainContext, SplitNetwork, StepResult, UpdateRule
 from localearn.measure import (
     BenchReport,
     MemoryReport,
@@ -50,7 +50,7 @@ class TinyRule(UpdateRule):
     def aux_groups(self, aux: nn.Module) -> dict[str, nn.Module]:
         return {"heads": aux["heads"], "copies": aux["copies"], "twins": aux["twins"]}
 
-    def train_step(self, net, images, targets):
+    def train_step(self, ctx, net, images, targets):
         aux = self.aux
         feats = net.local_modules[0](images)
         loss = nn.functional.cross_entropy(net.local_modules[1](feats), targets)
@@ -87,7 +87,7 @@ def test_parameter_bytes_equal_hand_computed_sums():
     trainable = [p for p in {id(p): p for p in [*net.parameters(), *aux.parameters()]}.values()
                  if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
-    rule.train_step(net, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    rule.train_step(PlainContext(), net, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
     opt.step()
     expected = (backbone + heads + copies + 2) * F32  # twins are frozen
     assert grad_bytes(trainable) == expected

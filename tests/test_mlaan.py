@@ -11,9 +11,10 @@ from torch import nn
 
 from localearn import expr
 from localearn.config import make_config
-from localearn.engine import build_network, fit
+from localearn.engine import fit
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo
+from localearn.interfaces import DataInfo, PlainContext
+from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
 UNITS = {"resnet32": 16, "resnet110": 55}
@@ -68,7 +69,7 @@ def test_single_forward_step_equals_naive_oracle(model, data):
     text = f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse}, recompute={recompute})"
     (rule, net, aux), (ref_rule, ref_net, ref_aux) = with_naive_twin(text, model, K)
     images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    rule.train_step(net, images, targets)
+    rule.train_step(PlainContext(), net, images, targets)
     naive_step(ref_rule, ref_net, images, targets)
     assert_same_grads(grads(net, aux), grads(ref_net, ref_aux))
 
@@ -78,7 +79,7 @@ def test_over_infopro_equals_naive_oracle(text):
     # InfoPro's heads also read the input images (reconstruction target)
     (rule, net, aux), (ref_rule, ref_net, ref_aux) = with_naive_twin(text, "resnet32", 5)
     images, targets = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
-    rule.train_step(net, images, targets)
+    rule.train_step(PlainContext(), net, images, targets)
     naive_step(ref_rule, ref_net, images, targets)
     assert assert_same_grads(grads(net, aux), grads(ref_net, ref_aux)) > 0
 
@@ -89,8 +90,8 @@ def test_recompute_keeps_batchnorm_statistics_and_matches_the_kept_graphs():
     plain, net, aux = build("mlaan(dgl, k=3, p=2)", "resnet32", 8)
     again, net2, aux2 = build("mlaan(dgl, k=3, p=2, recompute=true)", "resnet32", 8)
     images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    plain.train_step(net, images, targets)
-    again.train_step(net2, images, targets)
+    plain.train_step(PlainContext(), net, images, targets)
+    again.train_step(PlainContext(), net2, images, targets)
     assert any("@ module 0" in t for t in again.trace[again.trace.index("cascade 2"):])
     assert_same_grads(grads(net, aux), grads(net2, aux2))
     for b, c in zip(net.buffers(), net2.buffers()):
@@ -105,7 +106,7 @@ def traced_reach(rule, net, aux):
         if p.requires_grad:
             p.register_hook(lambda g, p=p: touched.setdefault(
                 rule.trace[-1].split(" @")[0], set()).add(id(p)))
-    rule.train_step(net, torch.randn(4, 3, 32, 32), torch.arange(4))
+    rule.train_step(PlainContext(), net, torch.randn(4, 3, 32, 32), torch.arange(4))
     return touched, names
 
 
@@ -135,7 +136,7 @@ def test_twins_follow_the_real_blocks_by_ema_and_get_no_gradient():
     assert {str(blocks[0]) for blocks in rule.blocks} <= set(rule.twins)
     params = [p for p in [*net.parameters(), *aux.parameters()] if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1)
-    rule.train_step(net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+    rule.train_step(PlainContext(), net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
     opt.step()
     rule.after_step()
     for b, twin in rule.twins.items():
@@ -198,7 +199,7 @@ def test_recompute_draws_the_same_dropout_masks():
         net.units[3].register_forward_hook(
             lambda m, i, out: nn.functional.dropout(out, 0.5, training=True))
         torch.manual_seed(1)
-        rule.train_step(net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+        rule.train_step(PlainContext(), net, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
         grads_of[flag] = grads(net, aux)
     assert_same_grads(grads_of[True], grads_of[False])
 
@@ -213,5 +214,5 @@ def test_recompute_lowers_the_peak_of_live_tensors():
     peaks = {}
     for flag in (False, True):
         rule, net, _ = build(f"mlaan(dgl, recompute={flag})", "resnet32", 6)
-        _, peaks[flag] = cpu_peak(partial(rule.train_step, net, images, targets))
+        _, peaks[flag] = cpu_peak(partial(rule.train_step, PlainContext(), net, images, targets))
     assert peaks[True] < 0.8 * peaks[False], peaks

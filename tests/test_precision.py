@@ -96,7 +96,7 @@ def test_fp16_goes_through_the_gradient_scaler(tinynet, tmp_path):
                       progress=False, output_dir=tmp_path / "r")
     trainer = Trainer(cfg)
     assert trainer.scaler.is_enabled()
-    assert trainer.rule.loss_scale == trainer.scaler.scale  # rules scale every local loss
+    assert trainer.stepper.ctx.scaler is trainer.scaler  # rules scale every local loss
     scaled: list[float] = []
     head = trainer.net.local_modules[-1][-1][-1]  # the classifier's Linear
     head.weight.register_hook(lambda g: scaled.append(g.abs().max().item()))

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from localearn import checkpoint, registry
+from localearn import registry
 from localearn.cli import main
 from localearn.config import make_config
-from localearn.engine import Trainer, TrainingDiverged
+from localearn.engine import Trainer, TrainingDiverged, checkpoint
 from localearn.errors import UserError
 
 # resnet32 cut in 4 modules, 128 digits in batches of 16: 8 steps an epoch, 16 in all,
@@ -91,8 +91,8 @@ def _diverge_at(trainer: Trainer, bad_step: int) -> None:
     """Make the rule report a NaN loss from step ``bad_step`` on (a diverging run)."""
     step = trainer.rule.train_step
 
-    def train_step(net, images, targets):
-        result = step(net, images, targets)
+    def train_step(ctx, net, images, targets):
+        result = step(ctx, net, images, targets)
         if trainer.step + 1 >= bad_step:
             result.loss = math.nan
         return result
@@ -185,10 +185,10 @@ def test_streamed_shards_resume_exactly_with_workers(cifar_shards, tmp_path):
     cut = trainer("cut")
     step = cut.rule.train_step
 
-    def interrupted(net, images, targets):
+    def interrupted(ctx, net, images, targets):
         if cut.step == 3:  # mid-epoch, one step after the checkpoint at step 2
             raise KeyboardInterrupt
-        return step(net, images, targets)
+        return step(ctx, net, images, targets)
 
     cut.rule.train_step = interrupted
     with pytest.raises(KeyboardInterrupt):

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localearn import expr, registry
-from localearn.engine import build_network, find_splitter
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo
+from localearn.interfaces import DataInfo, PlainContext
 from localearn.models.timm_convnext import TimmConvNeXtSplitter
 from localearn.models.timm_resnet import TimmResNetSplitter
+from localearn.network import build_network, find_splitter
 
 UNITS = {"resnet34": 17, "resnet101": 34, "resnet152": 51}
 SMALL = (3, 32, 32)  # the split is checked on small inputs: 2 CPU cores
@@ -125,7 +125,7 @@ def test_every_rule_trains_resnet34_at_224(rule_name):
     aux = rule.setup(net, info)
     net.train(), aux.train()
     images, targets = torch.randn(2, *shape), torch.tensor([3, 998])
-    result = rule.train_step(net, images, targets)
+    result = rule.train_step(PlainContext(), net, images, targets)
     assert math.isfinite(result.loss) and result.logits.shape == (2, 1000)
     for i, module in enumerate(net.local_modules):  # every module got a gradient
         grads = [p.grad for p in module.parameters() if p.grad is not None]

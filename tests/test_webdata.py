@@ -16,8 +16,8 @@ from PIL import Image
 
 from localearn.cli import main
 from localearn.data import imagenet_shards, imagenet_transforms, make_loader
+from localearn.data.webdata import CorruptDataWarning, ShardStream, count_samples
 from localearn.errors import UserError
-from localearn.webdata import CorruptDataWarning, ShardStream, count_samples
 
 PER_SHARD = 40
 

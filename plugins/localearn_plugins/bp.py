@@ -5,13 +5,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from localearn.errors import UserError
-from localearn.interfaces import SplitNetwork, StepResult, UpdateRule
+from localearn.interfaces import SplitNetwork, StepContext, StepResult, UpdateRule
 
 
 class BP(UpdateRule):
     """End-to-end back-propagation (one module, K=1)."""
 
-    name = "bp"
     description = "end-to-end back-propagation through the whole network (K=1)"
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
@@ -20,9 +19,10 @@ class BP(UpdateRule):
                             "drop --k or use a local rule such as dgl")
         return 1
 
-    def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
+    def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
+                   targets: Tensor) -> StepResult:
         logits = net(images)
         loss = nn.functional.cross_entropy(logits, targets)
-        self.backward(loss)
-        self.notify_grads_ready(list(net.parameters()))
-        return StepResult(loss=loss.item(), logits=logits.detach())
+        ctx.backward(loss)
+        ctx.grads_ready(net.parameters())
+        return StepResult(loss=loss.detach(), logits=logits.detach())

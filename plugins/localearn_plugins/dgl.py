@@ -43,7 +43,6 @@ class DGLHead(AuxHead):
 class DGL(LocalRule):
     """Decoupled Greedy Learning: a DGL head and cross-entropy on every module."""
 
-    name = "dgl"
     description = "Decoupled Greedy Learning: a conv+MLP classifier head per module (ICML 2020)"
 
     def __init__(self, width: float = 1.0, max_width: int = 128) -> None:

@@ -23,7 +23,6 @@ from torch.nn import functional as F
 
 from localearn.errors import UserError
 from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
-from localearn.models.cifar_resnet import BALANCED_PRESETS
 
 LossMode = Literal["contrast", "ce"]
 DecoderKind = Literal["auto", "upsample", "progressive"]
@@ -244,13 +243,11 @@ def ramp(first: float, last: float, index: int, num_modules: int) -> float:
 
 
 def identify(net: SplitNetwork) -> str | None:
-    """The `DEFAULTS` key for ``net``: CIFAR ResNet-32/110 by unit count and stem width, and
-    ``resnet110*`` when a ResNet-110 is cut at InfoPro*'s published cuts; else None."""
-    if not net.unit_shapes or net.unit_shapes[0][0] != 16:
-        return None
-    model = {16: "resnet32", 55: "resnet110"}.get(len(net.units))
-    cuts = tuple(r.start for r in net.unit_ranges[1:])
-    if model and BALANCED_PRESETS.get(len(net.units), {}).get(net.k) == cuts:
+    """The `DEFAULTS` key for ``net``: its registry model name when InfoPro published settings
+    for it, ``resnet110*`` for a ResNet-110 under the memory-balanced split at a K InfoPro*
+    published (its own cut points); else None."""
+    model = net.model_name if net.model_name in DEFAULTS else None
+    if model and net.split == "balanced" and net.k in DEFAULTS.get(model + "*", {}):
         return model + "*"
     return model
 
@@ -265,7 +262,6 @@ class InfoPro(LocalRule):
     ``decoder`` auto|upsample|progressive.
     """
 
-    name = "infopro"
     description = ("InfoPro: image reconstruction + supervised contrastive head per module, "
                    "linearly ramped weights (ICLR 2021)")
 
@@ -290,21 +286,11 @@ class InfoPro(LocalRule):
         self.head, self.widen, self.feature_dim = head, widen, feature_dim
         self.temperature, self.decoder = temperature, decoder
         self.model: str | None = None  # set by `configure`; picks the row of `DEFAULTS`
-        self.configured = False
-
-    def num_modules(self, requested: int | None, num_units: int) -> int:
-        # The engine asks this before any head is built, so a decorator rule that calls
-        # `make_head` without `setup` still gets the right model's defaults (by unit count).
-        if not self.configured:
-            self.model = {16: "resnet32", 55: "resnet110"}.get(num_units)
-        return super().num_modules(requested, num_units)
 
     def configure(self, net: SplitNetwork) -> None:
-        """Learn which backbone ``net`` is, for the per-model defaults (`setup` and MLAAN's
-        setup call it; without it the model is guessed from the unit count and InfoPro*'s
-        split is not recognised)."""
+        """Learn which backbone ``net`` is and how it was split, for the per-model defaults
+        (`build_network` calls it, before any head is made)."""
         self.model = identify(net)
-        self.configured = True
 
     def ramp_ends(self, num_modules: int) -> dict[str, float]:
         """``ixx_1, ixx_2, ixy_1, ixy_2`` in force for K = ``num_modules``: the user's values,

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo, LocalRule, SplitNetwork, StepResult, UpdateRule
+from localearn.interfaces import (
+    DataInfo,
+    HeadFactory,
+    SplitNetwork,
+    StepContext,
+    StepResult,
+    UpdateRule,
+)
 
 
 def leap_blocks(unit_shapes: list[tuple[int, ...]], last_unit: int, p: int) -> list[int]:
@@ -88,14 +95,13 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
 class MLAAN(UpdateRule):
     """MLAAN over a base rule: cascades of depth k plus leap-augmented auxiliary networks."""
 
-    name = "mlaan"
     description = ("MLAAN: multilaminar cascades of depth k and leap-augmented modules over a "
                    "base rule, e.g. mlaan(dgl)")
 
-    def __init__(self, base: UpdateRule, k: int = 3, wx: float = 0.001, wy: float = 0.999,
+    def __init__(self, base: HeadFactory, k: int = 3, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
                  leaps: str | None = None, fuse: bool = True, recompute: bool = False) -> None:
-        if not isinstance(base, LocalRule):
+        if not isinstance(base, HeadFactory):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
         if k < 1:
@@ -111,12 +117,17 @@ class MLAAN(UpdateRule):
         self.trace: list[str] = []  # names of the loss being back-propagated (for tests)
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
-        return self.base.num_modules(requested, num_units)
+        if isinstance(self.base, UpdateRule):
+            return self.base.num_modules(requested, num_units)
+        return super().num_modules(requested, num_units)
+
+    def configure(self, net: SplitNetwork) -> None:
+        self.base.configure(net)  # e.g. InfoPro's per-model defaults and InfoPro* split
 
     # -- construction ---------------------------------------------------------------------
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         K = net.k
-        self.base.configure(net)  # e.g. InfoPro's per-model defaults and InfoPro* split
+        self.base.configure(net)  # again, for a network not made by build_network
         self.blocks: list[list[int]] = []
         heads, cascade_heads, copies = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         twins = nn.ModuleDict()
@@ -154,6 +165,12 @@ class MLAAN(UpdateRule):
         return {"heads": nn.ModuleList([aux["heads"], aux["cascade_heads"]]),
                 "copies": aux["copies"], "twins": aux["twins"]}
 
+    def compile_targets(self, net: SplitNetwork, aux: nn.Module) -> list[nn.Module]:
+        # the local modules and every head's parts (the default), then each trained copy and
+        # twin: a LAM calls its blocks one by one
+        blocks = [*(b for c in self.copies for b in c), *self.twins.values()]
+        return [*super().compile_targets(net, aux), *blocks]
+
     # -- the leap-augmented module --------------------------------------------------------
     def lam_forward(self, i: int, z: Tensor) -> Tensor:
         """LAM_i: the trained copies in order, the twins' outputs added where they exist."""
@@ -177,22 +194,21 @@ class MLAAN(UpdateRule):
                     t.copy_(r)
 
     # -- one training step ----------------------------------------------------------------
-    def _scaled(self, loss: Tensor) -> Tensor:
-        return self.loss_scale(loss) if self.loss_scale else loss
-
     def _head_grad(self, name: str, loss: Tensor, leaf: Tensor) -> Tensor:
         """Back-propagate a head-side loss to its detached leaf; the leaf's gradient returns."""
         self.trace.append(name)
-        self._scaled(loss).backward()
+        self._ctx.backward(loss)
         return leaf.grad
 
-    def train_step(self, net: SplitNetwork, images: Tensor, targets: Tensor) -> StepResult:
+    def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
+                   targets: Tensor) -> StepResult:
         K = net.k
+        self._ctx = ctx
         self.trace = []
         ins: list[Tensor | None] = []  # detached input of each module (a leaf)
         outs: list[Tensor | None] = []  # output of each module, its graph kept while needed
         pending: list[Tensor | None] = [None] * K  # independent-loss gradient at each output
-        local: list[float] = []
+        local: list[Tensor] = []
         self._rng: dict[int, tuple] = {}
         x = images
         for i, module in enumerate(net.local_modules):
@@ -216,17 +232,18 @@ class MLAAN(UpdateRule):
                 leaf = o.detach().requires_grad_()
                 cascade = self.cascade_heads[i].loss(self.lam_forward(i, leaf), targets, images)
                 grad = self._head_grad(f"cascade {i}", self.wy * cascade, leaf)
-                self.notify_grads_ready([*self.heads[i].parameters(),
+                ctx.grads_ready([*self.heads[i].parameters(),
                                          *self.cascade_heads[i].parameters(),
                                          *self.copies[i].parameters()])
-                local.append(self.wx * indep.item() + self.wy * cascade.item())
+                local.append((self.wx * indep + self.wy * cascade).detach())
                 self._route(net, f"cascade {i}", i, grad, ins, outs, pending)
             else:
                 final = nn.functional.cross_entropy(leaf, targets)
                 grad = self._head_grad("final", final, leaf)
                 self._route(net, "final", i, grad, ins, outs, pending)
             x = o.detach()  # module i's graph lives in outs[i] only, freed there
-        return StepResult(loss=final.item(), logits=o.detach(), local_losses=local)
+        self._ctx = None
+        return StepResult(loss=final.detach(), logits=o.detach(), local_losses=local)
 
     def _route(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
                outs: list, pending: list) -> None:
@@ -246,7 +263,7 @@ class MLAAN(UpdateRule):
             grad = self._backward_module(net, name, j, grad, go_on, last, ins, outs)
             if last:
                 ins[j] = outs[j] = None  # free module j's graph
-                self.notify_grads_ready(list(net.local_modules[j].parameters()))
+                self._ctx.grads_ready(list(net.local_modules[j].parameters()))
 
     def _backward_module(self, net: SplitNetwork, name: str, j: int, grad: Tensor,
                          go_on: bool, last: bool, ins: list, outs: list) -> Tensor | None:
@@ -262,7 +279,7 @@ class MLAAN(UpdateRule):
                 out, keep = module(a), False
         params = list(module.parameters())
         targets = [*params, a] if go_on else params
-        torch.autograd.backward(out, grad, inputs=targets, retain_graph=keep)
+        self._ctx.backward_from(out, grad, inputs=targets, retain_graph=keep)
         if saved is not None:  # after the backward, which checks the buffers' versions
             with torch.no_grad():
                 for b, old in zip(module.buffers(), saved):
@@ -276,10 +293,9 @@ class MLAAN(UpdateRule):
 class MLM(MLAAN):
     """Ablation: multilaminar cascades only; the cascade head sits on module i's output."""
 
-    name = "mlm"
     description = "MLAAN ablation: cascades of depth k only, no leap-augmented modules"
 
-    def __init__(self, base: UpdateRule, k: int = 3, wx: float = 0.001,
+    def __init__(self, base: HeadFactory, k: int = 3, wx: float = 0.001,
                  wy: float = 0.999, recompute: bool = False) -> None:
         super().__init__(base, k=k, wx=wx, wy=wy, p=0, recompute=recompute)
 
@@ -287,10 +303,9 @@ class MLM(MLAAN):
 class LAM(MLAAN):
     """Ablation: leap-augmented modules only; the head on LAM_i(module i) reaches module i."""
 
-    name = "lam"
     description = "MLAAN ablation: leap-augmented modules only, no cascades (k=1)"
 
-    def __init__(self, base: UpdateRule, wx: float = 0.001, wy: float = 0.999,
+    def __init__(self, base: HeadFactory, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
                  leaps: str | None = None) -> None:
         super().__init__(base, k=1, wx=wx, wy=wy, ema=ema, p=p, ema_blocks=ema_blocks,

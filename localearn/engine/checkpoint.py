@@ -262,7 +262,7 @@ def export_safetensors(path: Path, out: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     from localearn import registry
-    from localearn.engine import find_splitter
+    from localearn.network import find_splitter
 
     path = Path(path)
     if path.is_dir():

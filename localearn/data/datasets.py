@@ -6,15 +6,15 @@ returns `DataSplits`, and raises a `UserError` that says where it looked when fi
 
 from __future__ import annotations
 
-import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from localearn.errors import UserError
@@ -91,6 +91,35 @@ def _limit(n: int | None, total: int) -> int:
     return total if n is None else min(n, total)
 
 
+# ------------------------------------------------------------------------- data folders
+#: where a dataset NAME is looked for when --data-dir is not given; LOCALEARN_DATA is the root
+#: that holds one folder per dataset (``$LOCALEARN_DATA/cifar10``, ``$LOCALEARN_DATA/svhn``...)
+DATA_ROOTS = ("{env}", "data", "../shared/data")
+
+
+def data_dirs(data_dir: Path | None, name: str) -> list[Path]:
+    """The folders to look in for dataset ``name``: ``data_dir`` (and ``data_dir/name``) when
+    given; else ``NAME`` under ``$LOCALEARN_DATA``, ``data/`` and ``../shared/data/``."""
+    if data_dir is not None:
+        return [Path(data_dir), Path(data_dir) / name]
+    env = os.environ.get("LOCALEARN_DATA")
+    return [Path(r.format(env=env)) / name for r in DATA_ROOTS if env or "{env}" not in r]
+
+
+def find_data_dir(data_dir: Path | None, name: str, holds: Callable[[Path], bool],
+                  what: str, title: str) -> Path:
+    """The first of `data_dirs` for which ``holds(folder)`` is true; else a `UserError` that
+    names the data set (``title``), lists where it looked and says what the folder must hold
+    (``what``)."""
+    candidates = data_dirs(data_dir, name)
+    for c in candidates:
+        if c.is_dir() and holds(c):
+            return c
+    looked = ", ".join(str(c.resolve()) for c in candidates)
+    raise UserError(f"{title} not found: looked for it in {looked}; pass --data-dir DIR "
+                    f"holding {what}")
+
+
 def digits(data_dir: Path | None = None, *, download: bool = False,
            train_limit: int | None = None, test_limit: int | None = None,
            seed: int = 0) -> DataSplits:
@@ -129,11 +158,12 @@ def cifar10(data_dir: Path | None = None, *, download: bool = False,
     """CIFAR-10 through torchvision (the python-pickle batches); downloads only with --download."""
     from torchvision.datasets import CIFAR10
 
-    root = Path(data_dir or os.environ.get("LOCALEARN_DATA", "data"))
-    if not download and not (root / "cifar-10-batches-py").is_dir():
-        raise UserError(f"CIFAR-10 not found: looked for {root / 'cifar-10-batches-py'}; pass "
-                        "--data-dir DIR holding cifar-10-batches-py/, or add --download to "
-                        "fetch it there")
+    what = "cifar-10-batches-py/, or add --download to fetch it there"
+    if download:
+        root = data_dirs(data_dir, "cifar10")[0]
+    else:
+        root = find_data_dir(data_dir, "cifar10",
+                             lambda d: (d / "cifar-10-batches-py").is_dir(), what, "CIFAR-10")
     train_tf, test_tf = cifar_transforms()
     to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8)])
     try:
@@ -147,46 +177,20 @@ def cifar10(data_dir: Path | None = None, *, download: bool = False,
     return DataSplits(_subset(train, train_limit), _subset(test, test_limit), info)
 
 
-SHARD_CANDIDATES = ("{env}/cifar10", "../shared/data/cifar10", "data/cifar10")
-
-
 def find_cifar10_shards(data_dir: Path | None) -> Path:
-    """The folder holding ``cifar10-{train,test}-*.tar.gz``; a `UserError` lists where it looked."""
-    if data_dir is not None:
-        candidates = [Path(data_dir)]
-    else:
-        env = os.environ.get("LOCALEARN_DATA")
-        candidates = [Path(c.format(env=env)) for c in SHARD_CANDIDATES if env or "{env}" not in c]
-    for c in candidates:
-        if sorted(c.glob("cifar10-train-*.tar*")) and sorted(c.glob("cifar10-test-*.tar*")):
-            return c
-    looked = ", ".join(str(c.resolve()) for c in candidates)
-    raise UserError(f"CIFAR-10 shards not found (looked in {looked}); pass --data-dir DIR "
-                    "holding cifar10-train-*.tar.gz and cifar10-test-*.tar.gz (WebDataset "
-                    "shards with keys jpg and cls)")
-
-
-def read_shards(paths: list[Path], limit: int | None) -> tuple[Tensor, Tensor]:
-    """Decode up to ``limit`` (jpg, cls) samples from WebDataset shards into uint8 tensors."""
-    import webdataset as wds
-    from PIL import Image
-
-    images, labels = [], []
-    pipeline = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False)
-    for sample in pipeline:
-        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        labels.append(int(sample["cls"]))
-        if limit is not None and len(labels) >= limit:
-            break
-    return torch.stack(images), torch.tensor(labels)
+    """The folder holding ``cifar10-{train,test}-*.tar.gz``."""
+    return find_data_dir(
+        data_dir, "cifar10",
+        lambda d: any(d.glob("cifar10-train-*.tar*")) and any(d.glob("cifar10-test-*.tar*")),
+        "cifar10-train-*.tar.gz and cifar10-test-*.tar.gz (WebDataset shards with keys jpg "
+        "and cls)", "CIFAR-10 shards")
 
 
 def cifar10_shards(data_dir: Path | None = None, *, download: bool = False,
                    train_limit: int | None = None, test_limit: int | None = None,
                    seed: int = 0) -> DataSplits:
     """CIFAR-10 streamed from WebDataset shards (keys jpg, cls), decoded on the workers."""
-    from localearn.webdata import ShardStream
+    from localearn.data.webdata import ShardStream
 
     root = find_cifar10_shards(data_dir)
     manifest = _read_manifest(root)
@@ -281,21 +285,6 @@ def _split_shards(root: Path, manifest: dict, split: str) -> tuple[list[str] | s
                     f", or '{split}.urls' in {root / MANIFESTS[0]}")
 
 
-def find_shard_dir(data_dir: Path | None, name: str = "imagenet") -> Path:
-    """``data_dir``, else ``$LOCALEARN_DATA/NAME`` or ``data/NAME``, whichever exists."""
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get("LOCALEARN_DATA")
-    candidates = ([Path(env) / name] if env else []) + [Path("data") / name]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    looked = ", ".join(str(c.resolve()) for c in candidates)
-    raise UserError(f"{name} shards not found (looked in {looked}); pass --data-dir DIR holding "
-                    "train-*.tar and val-*.tar shards (keys jpg/jpeg/png and cls), or a "
-                    "manifest.json naming them")
-
-
 def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
                     train_limit: int | None = None, test_limit: int | None = None,
                     seed: int = 0) -> DataSplits:
@@ -305,14 +294,16 @@ def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
     (or ``.toml``) with ``train``/``val`` tables of ``urls`` (brace patterns, ``pipe:`` URLs)
     and ``samples``, and optional ``num_classes`` (or a ``classes`` list) and ``image_size``.
     """
-    from localearn.webdata import ShardStream
+    from localearn.data.webdata import ShardStream
 
     if download:
         raise UserError("ImageNet cannot be downloaded automatically; write it as WebDataset "
                         "shards and pass --data-dir")
-    root = find_shard_dir(data_dir)
-    if not root.is_dir():
-        raise UserError(f"shard folder {str(root)!r} does not exist")
+    root = find_data_dir(
+        data_dir, "imagenet",
+        lambda d: True,  # any folder: what it lacks is said below, split by split
+        "train-*.tar and val-*.tar shards (keys jpg/jpeg/png and cls), or a manifest.json "
+        "naming them", "ImageNet shards")
     manifest = _read_manifest(root)
     where = root / "manifest"
     classes = manifest.get("classes")
@@ -336,10 +327,6 @@ def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
 HALF = (0.5, 0.5, 0.5)
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 STL10_FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin")}
-
-
-def _data_root(data_dir: Path | None) -> Path:
-    return Path(data_dir or os.environ.get("LOCALEARN_DATA", "data"))
 
 
 def read_svhn(path: Path) -> tuple[Tensor, Tensor]:
@@ -371,19 +358,18 @@ def svhn(data_dir: Path | None = None, *, download: bool = False,
 
     No ``extra`` split, as in the paper; its augmentation: random crop 32 with padding 2, no
     flip, mean = std = 0.5."""
-    root = _data_root(data_dir)
-    dirs = [root, root / "svhn"]
-    found = next((d for d in dirs if all((d / f).is_file() for f in SVHN_FILES.values())), None)
-    if found is None and download:
+    def holds(d: Path) -> bool:
+        return all((d / f).is_file() for f in SVHN_FILES.values())
+
+    if download and not any(holds(d) for d in data_dirs(data_dir, "svhn")):
         from torchvision.datasets import SVHN
 
+        root = data_dirs(data_dir, "svhn")[0]
         for split in SVHN_FILES:
             SVHN(str(root), split=split, download=True)
-        found = root
-    if found is None:
-        raise UserError(f"SVHN not found: looked for {' and '.join(SVHN_FILES.values())} in "
-                        f"{', '.join(str(d) for d in dirs)}; pass --data-dir DIR holding them, "
-                        "or add --download to fetch them there")
+    found = find_data_dir(data_dir, "svhn", holds,
+                          f"{' and '.join(SVHN_FILES.values())}, or add --download to fetch "
+                          "them there", "SVHN")
     train_tf = PadCropFlip(HALF, HALF, train=True, padding=2, mode="constant", flip=False)
     test_tf = PadCropFlip(HALF, HALF, train=False)
     out = []
@@ -417,19 +403,22 @@ def stl10(data_dir: Path | None = None, *, download: bool = False,
 
     Reads ``stl10_binary/`` (the unlabelled split is unused); the paper's augmentation: random
     crop 96 with padding 4, flip, mean = std = 0.5."""
-    root = _data_root(data_dir)
-    dirs = [root / "stl10_binary", root]
     names = [f for pair in STL10_FILES.values() for f in pair]
-    found = next((d for d in dirs if all((d / f).is_file() for f in names)), None)
-    if found is None and download:
+
+    def holds(d: Path) -> bool:
+        return all((d / "stl10_binary" / f).is_file() for f in names) or \
+            all((d / f).is_file() for f in names)
+
+    if download and not any(holds(d) for d in data_dirs(data_dir, "stl10")):
         from torchvision.datasets import STL10
 
-        STL10(str(root), split="train", download=True)  # the archive holds every split
-        found = root / "stl10_binary"
-    if found is None:
-        raise UserError(f"STL-10 not found: looked for {', '.join(names)} in "
-                        f"{', '.join(str(d) for d in dirs)}; pass --data-dir DIR holding "
-                        "stl10_binary/, or add --download to fetch it there")
+        # the archive holds every split
+        STL10(str(data_dirs(data_dir, "stl10")[0]), split="train", download=True)
+    found = find_data_dir(data_dir, "stl10", holds,
+                          "stl10_binary/ (train_X.bin ...), or add --download to fetch it there",
+                          "STL-10")
+    if (found / "stl10_binary").is_dir():
+        found = found / "stl10_binary"
     train_tf = PadCropFlip(HALF, HALF, train=True, padding=4, mode="constant", flip=True)
     test_tf = PadCropFlip(HALF, HALF, train=False)
     out = []
@@ -439,24 +428,3 @@ def stl10(data_dir: Path | None = None, *, download: bool = False,
         out.append(TensorImages(x[:n], y[:n], tf))
     # 10 classes: the public MLAAN/InfoPro code builds a 100-way classifier here by a typo
     return DataSplits(out[0], out[1], DataInfo(10, (3, 96, 96), HALF, HALF, STL10_CLASSES))
-
-
-def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 0,
-                seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """The loader for a split. Map-style sets are shuffled (train) by a seeded generator, or
-    sharded with a DistributedSampler when ``world_size > 1``; an `IterableDataset` shuffles and
-    shards itself. The engine calls ``set_epoch(epoch)`` on the sampler or dataset if present."""
-    if isinstance(dataset, IterableDataset):
-        if hasattr(dataset, "set_rank"):  # a ShardStream reads only this rank's part
-            dataset.set_rank(rank, world_size)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                          drop_last=train)
-    sampler = None
-    if world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size,
-                                                      rank=rank, shuffle=train, seed=seed)
-    elif train:
-        sampler = torch.utils.data.RandomSampler(
-            dataset, generator=torch.Generator().manual_seed(seed))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=train and len(dataset) > batch_size * world_size)

@@ -19,6 +19,10 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="32", metavar="{32,bf16,16}",
+                   help="32 (default), bf16 or 16: autocast, as in fit")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format for model and inputs, as in fit")
     p.add_argument("--vs-k", type=int,
                    help="K of the baseline (default: --k if the baseline accepts it, else its "
                         "own default)")
@@ -30,7 +34,8 @@ def _spec(args: argparse.Namespace):
 
     return make_spec(rule=args.rule, model=args.model, k=args.k, split=args.split,
                      batch_size=args.batch_size, input_size=args.input_size,
-                     num_classes=args.num_classes, device=args.device, seed=args.seed)
+                     num_classes=args.num_classes, device=args.device, seed=args.seed,
+                     precision=args.precision, channels_last=args.channels_last)
 
 
 def _progress(args: argparse.Namespace):

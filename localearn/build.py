@@ -1,0 +1,129 @@
+"""`build_run`: everything a run trains with, built from a validated `FitConfig`.
+
+`localearn fit`, `localearn memory`, `localearn bench`, `localearn export`, the examples and
+the tests all build through here, so what is measured is what is trained: the rule from its
+expression, the data (or a given `DataInfo` for synthetic batches), the network through the
+registry, the auxiliary networks, device and memory format, the optimizer over the de-duplicated
+trainable parameters, and the `TrainStep` that owns precision, scaling and reduction.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from localearn import distributed as dist_
+from localearn import expr, registry
+from localearn.config import FitConfig
+from localearn.data import DataSplits
+from localearn.engine.step import TrainStep
+from localearn.errors import UserError
+from localearn.interfaces import DataInfo, UpdateRule
+from localearn.network import SplitNetwork, build_network
+
+
+@dataclass
+class Run:
+    """The parts of one run; the `Trainer` adds data loading, schedule, logs and saving."""
+
+    cfg: FitConfig
+    device: torch.device
+    env: dist_.DistEnv
+    rule: UpdateRule
+    net: SplitNetwork
+    aux: nn.Module
+    info: DataInfo
+    data: DataSplits | None
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    reducer: dist_.GradReducer | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here; use "
+                        "--device cpu")
+    return device
+
+
+def load_data(cfg: FitConfig) -> DataSplits:
+    factory = registry.load("dataset", cfg.dataset)
+    return factory(cfg.data_dir, download=cfg.download, train_limit=cfg.train_limit,
+                   test_limit=cfg.test_limit, seed=cfg.seed)
+
+
+def unique_trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Trainable parameters of ``modules`` in order, each once (a rule may share one)."""
+    seen: set[int] = set()
+    out = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _check_cpu_fp16() -> None:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+    except RuntimeError as exc:
+        raise UserError(f"--precision 16 is not supported on this CPU ({exc}); use "
+                        "--precision bf16") from None
+
+
+def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.device | None = None,
+              env: dist_.DistEnv | None = None) -> Run:
+    """Build a run. With ``info`` no data is loaded (synthetic batches of that shape); else the
+    dataset of ``cfg``. ``env`` is the process's place in a multi-process job (default: one
+    process); every rank starts from rank 0's weights."""
+    env = env or dist_.DistEnv()
+    device = device or resolve_device(cfg.device)
+    if cfg.precision == "16" and device.type == "cpu":
+        _check_cpu_fp16()
+    if cfg.sync_bn and env.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; "
+                        "drop --sync-bn on CPU (BatchNorm statistics stay per rank)")
+    seed_everything(cfg.seed)
+    rule = expr.build(cfg.rule)
+    data = None
+    if info is None:
+        data = load_data(cfg)
+        info = data.info
+    net = build_network(cfg.model, cfg.k, rule, info.num_classes, info.input_shape, cfg.split)
+    aux = rule.setup(net, info)
+    if cfg.sync_bn and env.enabled:
+        net = dist_.convert_sync_batchnorm(net)
+        aux = dist_.convert_sync_batchnorm(aux)
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    net.to(device, memory_format=memory_format)
+    aux.to(device, memory_format=memory_format)
+    if env.enabled:  # identical start on every rank, whatever the model's init does
+        dist_.broadcast_module(net)
+        dist_.broadcast_module(aux)
+    seed_everything(cfg.seed + env.rank)  # ranks draw different numbers from here on
+    params = unique_trainable([net, aux])
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
+    reducer = dist_.GradReducer(params, env.world_size) if env.enabled else None
+    if cfg.compile:  # in place: state-dict names stay those of the plain modules
+        for module in rule.compile_targets(net, aux):
+            module.compile()
+    step = TrainStep(rule, net, optimizer, device, cfg.precision, reducer, env)
+    return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step, reducer)

@@ -1,0 +1,69 @@
+"""The ``localearn`` command: ``fit``, ``rules``, ``models``, ``datasets``, ``plot``, ``export``.
+
+User mistakes print one line, ``localearn: error: ...``, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from localearn.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming what is wrong, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see: {self.prog} --help)")
+
+
+def _listing(kind: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from localearn import registry
+
+        rows = registry.listing(kind)
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, text in rows:
+            print(f"{name:<{width}}  {text}")
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="localearn", description="Supervised local learning for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    from localearn.cli.fit import add_fit_args, fit_command
+
+    fit_p = sub.add_parser("fit", help="train a rule on a model and dataset")
+    add_fit_args(fit_p)
+    fit_p.set_defaults(func=fit_command)  # --resume, --nproc (torchrun), then fit
+    for kind in ("rule", "model", "dataset"):
+        p = sub.add_parser(f"{kind}s", help=f"list the registered {kind}s")
+        p.set_defaults(func=_listing(kind))
+    from localearn.cli.measure import add_commands as add_measure_commands
+
+    add_measure_commands(sub)  # memory, bench
+    from localearn.cli.run import add_commands as add_run_commands
+
+    add_run_commands(sub)  # plot, export
+    from localearn.analysis.cli import add_commands as add_analysis_commands
+
+    add_analysis_commands(sub)  # analyze probe|cka|features, evaluate
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # fit --nproc N starts N copies of this command
+        return args.func(args)
+    except UserError as exc:
+        print(f"localearn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("localearn: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,76 @@
+"""``localearn fit``: its flags are generated from `FitConfig`'s fields (name, type,
+description, default), so the command line and the config file cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic.fields import FieldInfo
+
+_NOT_SETTINGS = ("command", "config", "func", "argv")
+
+
+def _plain(annotation: Any) -> Any:
+    """``X`` for ``X | None``; the annotation itself otherwise."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def flag_kwargs(name: str, field: FieldInfo) -> dict[str, Any]:
+    """``add_argument`` keywords for one config field; every value defaults to None, so only
+    the flags given on the command line override the config file."""
+    kind = _plain(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    text = (field.description or name.replace("_", " ")).replace("%", "%%")
+    if default is not None and kind is not bool:
+        text += f" (default: {default})"
+    kw: dict[str, Any] = {"default": None, "help": text}
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+        kw["help"] = f"{text} (default: {'on' if default else 'off'})"
+    elif typing.get_origin(kind) is Literal:
+        kw["metavar"] = "{" + ",".join(str(a) for a in typing.get_args(kind)) + "}"
+    elif kind in (int, float, Path):
+        kw["type"] = kind
+        kw["metavar"] = {int: "N", float: "X", Path: "PATH"}[kind]
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("flag"), dict):
+        kw.update(extra["flag"])
+    return kw
+
+
+def add_fit_args(p: argparse.ArgumentParser) -> None:
+    from localearn.config import FitConfig
+
+    p.add_argument("--config", type=Path, metavar="PATH",
+                   help="TOML or YAML file with settings; flags override it")
+    for name, field in FitConfig.model_fields.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, **flag_kwargs(name, field))
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    from localearn import distributed
+    from localearn.config import FitConfig, make_config
+    from localearn.engine import checkpoint, fit
+
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    overrides = dict(given)
+    if args.resume and args.config is None:
+        # continue with the settings stored in the checkpoint; flags given now override them
+        out = given.get("output_dir", FitConfig.model_fields["output_dir"].default)
+        path, previous = checkpoint.resolve(args.resume, Path(out))
+        overrides = {**checkpoint.saved_config(path, previous), **given}
+    cfg = make_config(args.config, **overrides)
+    if cfg.nproc > 1 and not distributed.launched():
+        return distributed.relaunch(cfg.nproc, list(args.argv))
+    result = fit(cfg)
+    if distributed.current_env().is_main:
+        print(f"final test accuracy {result.test_acc:.2%}")
+    return 0

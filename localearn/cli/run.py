@@ -1,0 +1,42 @@
+"""``localearn plot`` and ``localearn export``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from localearn.plot import plot_runs
+
+    out = plot_runs(args.runs, args.output, metric=args.metric, labels=args.label,
+                    title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from localearn.engine.checkpoint import export_safetensors
+
+    out = export_safetensors(args.checkpoint, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from localearn.plot import METRICS
+
+    p = sub.add_parser("plot", help="draw the accuracy-epoch curves of runs to a PNG")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run folders (each with a metrics.jsonl)")
+    p.add_argument("-o", "--output", type=Path, default=Path("accuracy.png"),
+                   help="PNG to write (default accuracy.png)")
+    p.add_argument("--metric", choices=list(METRICS), default="test_acc")
+    p.add_argument("--label", action="append", help="legend label, once per run in order")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("export", help="write a checkpoint's backbone weights to safetensors")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint file or a run folder")
+    p.add_argument("-o", "--output", type=Path,
+                   help="file to write (default: the checkpoint's name with .safetensors)")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,107 @@
+"""The split network: a backbone cut into K gradient-isolated local modules.
+
+`build_network` is the one way a run gets its network: the backbone from the registry, the
+first registered splitter that accepts it, the K the rule agrees to, then ``rule.configure``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from localearn import registry
+from localearn.errors import UserError
+
+if TYPE_CHECKING:
+    from localearn.interfaces import LocalModuleSplitter, UpdateRule
+
+Shape = tuple[int, ...]
+
+
+class SplitNetwork(nn.Module):
+    """A backbone cut into K local modules; ``forward`` equals the unsplit backbone's forward.
+
+    ``units`` are the backbone's units in order (stem first), shared with the modules, so a
+    rule can look up or copy later blocks; ``unit_ranges[i]`` lists the units of module i.
+    ``feature_shapes[i]`` is the output shape (C, H, W) of module i for i < K-1.
+    ``model_name`` (the registry name, "" when unknown), ``split`` (the policy) and ``cuts``
+    (the unit index where each module after the first starts) say how it was made.
+    """
+
+    def __init__(
+        self,
+        units: Sequence[nn.Module],
+        classifier: nn.Module,
+        cuts: Sequence[int],
+        input_shape: tuple[int, int, int],
+        *,
+        model_name: str = "",
+        split: str = "even",
+    ) -> None:
+        super().__init__()
+        self.model_name, self.split, self.cuts = model_name, split, list(cuts)
+        bounds = [0, *cuts, len(units)]
+        self.unit_ranges = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        groups: list[nn.Module] = []
+        for i, r in enumerate(self.unit_ranges):
+            parts = [units[j] for j in r]
+            if i == len(self.unit_ranges) - 1:
+                parts.append(classifier)
+            groups.append(nn.Sequential(*parts))
+        self.local_modules = nn.ModuleList(groups)
+        self.units = list(units)  # plain list: the parameters are registered once, above
+        self.input_shape = input_shape
+        self.unit_shapes = self._trace_shapes(input_shape)
+        self.feature_shapes = [self.unit_shapes[r[-1]] for r in self.unit_ranges[:-1]]
+
+    @property
+    def k(self) -> int:
+        return len(self.local_modules)
+
+    def _trace_shapes(self, input_shape: tuple[int, int, int]) -> list[Shape]:
+        """Output shape of every unit, found by one forward pass on a dummy batch."""
+        was_training = self.training
+        self.eval()
+        shapes: list[Shape] = []
+        param = next(self.parameters())
+        with torch.no_grad():
+            x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
+            for unit in self.units:
+                x = unit(x)
+                shapes.append(tuple(x.shape[1:]))
+        self.train(was_training)
+        return shapes
+
+    def forward(self, x: Tensor) -> Tensor:
+        for module in self.local_modules:
+            x = module(x)
+        return x
+
+
+def find_splitter(backbone: nn.Module, model_name: str) -> LocalModuleSplitter:
+    """The first registered splitter that accepts ``backbone``."""
+    names = registry.available("splitter")
+    for name in names:
+        splitter = registry.load("splitter", name)()
+        if splitter.accepts(backbone):
+            return splitter
+    raise UserError(f"no registered splitter can cut model {model_name!r}; registered "
+                    f"splitters: {', '.join(names)}")
+
+
+def build_network(model: str, k: int | None, rule: UpdateRule, num_classes: int,
+                  input_shape: tuple[int, int, int], split: str = "even") -> SplitNetwork:
+    """Backbone from the registry, cut into the K the rule agrees to (validated here); the
+    rule then learns the network (`UpdateRule.configure`) before it builds any head."""
+    backbone = registry.load("model", model)(num_classes=num_classes)
+    splitter = find_splitter(backbone, model)
+    num_units = len(splitter.units(backbone))
+    k = rule.num_modules(k, num_units)
+    if not 1 <= k <= num_units:
+        raise UserError(f"K={k} is out of range for model {model!r}: valid K is 1..{num_units}")
+    net = splitter.split(backbone, k, input_shape, policy=split, model_name=model)
+    rule.configure(net)
+    return net
