@@ -9,6 +9,8 @@ this module imports none of them by name.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -22,21 +24,58 @@ GROUPS = {
 }
 
 
+def distribution(ep: EntryPoint) -> str:
+    """The name of the installed distribution that registers ``ep`` ("?" when unknown)."""
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "?"
+
+
 def available(kind: str) -> dict[str, EntryPoint]:
-    """Registered entry points of one kind (``rule``, ``model``, ``splitter``, ``dataset``)."""
+    """Registered entry points of one kind (``rule``, ``model``, ``splitter``, ``dataset``).
+
+    Two distributions that register one name get a warning naming both; the first on
+    ``sys.path`` wins, as for imports."""
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=GROUPS[kind]):
-        found.setdefault(ep.name, ep)  # the first distribution on sys.path wins, as for imports
+        first = found.setdefault(ep.name, ep)
+        if first is not ep and distribution(first) != distribution(ep):
+            warnings.warn(f"{kind} {ep.name!r} is registered by two distributions, "
+                          f"{distribution(first)!r} and {distribution(ep)!r}; using "
+                          f"{distribution(first)!r}'s", RuntimeWarning, stacklevel=2)
     return dict(sorted(found.items()))
 
 
+def _expected(kind: str) -> tuple[Callable[[Any], bool], str]:
+    """A check that a loaded plugin is of the right kind, and what that kind is, in words."""
+    from localearn.interfaces import LocalModuleSplitter, UpdateRule
+
+    if kind == "rule":
+        return (lambda o: isinstance(o, type) and issubclass(o, UpdateRule),
+                "a subclass of localearn.UpdateRule")
+    if kind == "splitter":
+        return (lambda o: isinstance(o, type) and issubclass(o, LocalModuleSplitter),
+                "a subclass of localearn.LocalModuleSplitter")
+    return callable, "a callable factory"
+
+
 def load(kind: str, name: str) -> Any:
-    """The object registered under ``name``; an unknown name is a `UserError` naming the valid."""
+    """The object registered under ``name``. An unknown name, a plugin that fails to import and
+    a plugin of the wrong kind are each a one-line `UserError` naming the package."""
     eps = available(kind)
     if name not in eps:
         valid = ", ".join(eps) or "(none registered)"
         raise UserError(f"unknown {kind} {name!r}; registered {kind}s: {valid}")
-    return eps[name].load()
+    ep = eps[name]
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        raise UserError(f"{kind} {name!r} of package {distribution(ep)!r} failed to load from "
+                        f"{ep.value!r}: {type(exc).__name__}: {exc}") from None
+    ok, want = _expected(kind)
+    if not ok(obj):
+        raise UserError(f"{kind} {name!r} of package {distribution(ep)!r} ({ep.value}) is "
+                        f"{obj!r}, not {want}")
+    return obj
 
 
 def describe(obj: Any) -> str:
@@ -48,9 +87,14 @@ def describe(obj: Any) -> str:
 def listing(kind: str) -> list[tuple[str, str]]:
     """``(name, one-line description)`` for everything registered of one kind."""
     rows = []
-    for name, ep in available(kind).items():
+    for name in available(kind):
         try:
-            rows.append((name, describe(ep.load())))
-        except Exception as exc:  # a broken third-party plugin must not hide the others
-            rows.append((name, f"(failed to load: {exc})"))
+            rows.append((name, describe(load(kind, name))))
+        except UserError as exc:  # a broken third-party plugin must not hide the others
+            rows.append((name, f"(broken: {exc})"))
     return rows
+
+
+def providers(kind: str) -> dict[str, str]:
+    """The distribution that provides each registered name of one kind."""
+    return {name: distribution(ep) for name, ep in available(kind).items()}

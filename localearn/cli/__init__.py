@@ -24,9 +24,11 @@ def _listing(kind: str) -> Callable[[argparse.Namespace], int]:
         from localearn import registry
 
         rows = registry.listing(kind)
+        packages = registry.providers(kind)
         width = max((len(n) for n, _ in rows), default=0)
+        dist = max((len(packages[n]) for n, _ in rows), default=0)
         for name, text in rows:
-            print(f"{name:<{width}}  {text}")
+            print(f"{name:<{width}}  {packages[name]:<{dist}}  {text}")
         return 0
 
     return run
