@@ -4,13 +4,16 @@ from localearn.errors import UserError
 from localearn.interfaces import (
     AuxHead,
     DataInfo,
+    HeadFactory,
     LocalModuleSplitter,
     LocalRule,
+    PlainContext,
     SplitNetwork,
+    StepContext,
     StepResult,
     UpdateRule,
 )
 
 __version__ = "0.1.0"
-__all__ = ["AuxHead", "DataInfo", "LocalModuleSplitter", "LocalRule", "SplitNetwork",
-           "StepResult", "UpdateRule", "UserError"]
+__all__ = ["AuxHead", "DataInfo", "HeadFactory", "LocalModuleSplitter", "LocalRule",
+           "PlainContext", "SplitNetwork", "StepContext", "StepResult", "UpdateRule", "UserError"]

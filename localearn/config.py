@@ -42,6 +42,9 @@ class FitConfig(BaseModel):
     warmup_lr: float = Field(0.01, ge=0, description="learning rate at the start of the warm-up")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     seed: int = Field(0, description="seed of weights, data order and augmentation")
+    seeds: list[int] | None = Field(
+        None, description="repeat the run once per seed (e.g. 0,1,2), each in OUTPUT_DIR/seed-N, "
+        "and report the mean and spread of the last and best test accuracy")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
     output_dir: Path = Field(Path("runs/latest"), description="where metrics and checkpoints go")
     progress: bool = Field(True, description="show a progress bar")
@@ -75,6 +78,21 @@ class FitConfig(BaseModel):
         if key not in aliases:
             raise ValueError(f"unknown precision {v!r}; valid: 32, bf16, 16")
         return aliases[key]
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = [int(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"seeds must be integers separated by commas (got {v!r})") \
+                    from None
+        if isinstance(v, list) and not v:
+            raise ValueError("seeds must name at least one seed")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"seeds must differ (got {v})")
+        return v
 
     @field_validator("dataset")
     @classmethod

@@ -67,10 +67,19 @@ class LocalModuleSplitter(ABC):
 
     def cuts(self, num_units: int, k: int, policy: str = "even") -> list[int]:
         """Unit indices where modules 1..K-1 start. ``even``: sizes differ by at most one,
-        the larger modules last (early units carry the largest activations)."""
+        the larger modules last (early units carry the largest activations).
+        ``cuts:3,5,8``: exactly these starts (`SplitNetwork.cuts`' meaning; unit 0 is the stem),
+        which fixes K at one more than their number. A subclass adding policies of its own
+        hands every other policy to this method."""
+        explicit = parse_cut_list(policy, num_units)
+        if explicit is not None:
+            if len(explicit) + 1 != k:
+                raise UserError(f"split {policy!r} makes {len(explicit) + 1} modules but K={k} "
+                                f"was asked; give K={len(explicit) + 1} or leave K out")
+            return explicit
         if policy != "even":
             raise UserError(f"unknown split policy {policy!r} for {type(self).__name__}; "
-                            "valid: even")
+                            "valid: even, cuts:<unit>,<unit>,...")
         small, extra = divmod(num_units, k)
         sizes = [small] * (k - extra) + [small + 1] * extra
         out, pos = [], 0
@@ -78,6 +87,12 @@ class LocalModuleSplitter(ABC):
             pos += size
             out.append(pos)
         return out
+
+    def implied_k(self, policy: str, num_units: int) -> int | None:
+        """The K a split policy fixes by itself (``cuts:3,5,8``: 4), or None when the policy
+        works for any K. `build_network` can use it when the user leaves K out."""
+        explicit = parse_cut_list(policy, num_units)
+        return None if explicit is None else len(explicit) + 1
 
     def split(
         self,
@@ -93,6 +108,22 @@ class LocalModuleSplitter(ABC):
                             f"({len(units)} units, the stem counted)")
         return SplitNetwork(units, self.classifier(backbone), self.cuts(len(units), k, policy),
                             input_shape, model_name=model_name, split=policy)
+
+
+def parse_cut_list(policy: str, num_units: int) -> list[int] | None:
+    """The unit indices of an explicit split ``cuts:3,5,8`` (where modules 1.. start), checked
+    against ``num_units``; None when ``policy`` is not an explicit cut list."""
+    if not policy.startswith("cuts:"):
+        return None
+    try:
+        cuts = [int(c) for c in policy[len("cuts:"):].split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"split {policy!r}: expected unit indices such as cuts:3,5,8") from None
+    if any(b <= a for a, b in zip(cuts, cuts[1:])) or any(not 0 < c < num_units for c in cuts):
+        raise UserError(f"split {policy!r}: the unit indices where modules 1.. start must be "
+                        f"strictly increasing and lie in 1..{num_units - 1} (unit 0 is the "
+                        f"stem; this model has {num_units} units)")
+    return cuts
 
 
 class AuxHead(nn.Module, ABC):

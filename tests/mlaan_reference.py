@@ -1,6 +1,8 @@
 """A naive MLAAN step, as the paper's equations read: every cascade recomputed from the detached
 input of its first module, all losses summed, one backward. Slow on purpose: the oracle that the
-single-forward implementation in localearn_plugins.mlaan must match."""
+single-forward implementation in localearn_plugins.mlaan must match. Cascades end where the rule
+says they do (``rule.cascades``: modules k-1..K-2 by default, every module with
+``short_cascades=true``)."""
 
 from torch import nn
 
@@ -15,11 +17,14 @@ def naive_step(rule, net, images, targets) -> float:
     for i in range(K - 1):
         out = net.local_modules[i](inputs[i])
         total = total + rule.wx * rule.heads[i].loss(out, targets, images)
+        if i not in rule.cascades:
+            continue
         z = inputs[max(0, i - k + 1)]
         for j in range(max(0, i - k + 1), i + 1):
             z = net.local_modules[j](z)
         z = rule.lam_forward(i, z)
-        total = total + rule.wy * rule.cascade_heads[i].loss(z, targets, images)
+        head = rule.cascade_heads[rule.cascades.index(i)]
+        total = total + rule.wy * head.loss(z, targets, images)
     z = inputs[max(0, K - k)]
     for j in range(max(0, K - k), K):
         z = net.local_modules[j](z)

@@ -66,7 +66,9 @@ def test_single_forward_step_equals_naive_oracle(model, data):
     which = data.draw(st.sampled_from(["first", "all"]), label="ema_blocks")
     fuse = data.draw(st.booleans(), label="fuse")
     recompute = data.draw(st.booleans(), label="recompute")
-    text = f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse}, recompute={recompute})"
+    short = data.draw(st.booleans(), label="short_cascades")
+    text = (f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse}, recompute={recompute}, "
+            f"short_cascades={short})")
     (rule, net, aux), (ref_rule, ref_net, ref_aux) = with_naive_twin(text, model, K)
     images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     rule.train_step(PlainContext(), net, images, targets)
@@ -113,7 +115,9 @@ def traced_reach(rule, net, aux):
 @pytest.mark.parametrize("K,k,recompute", [(6, 3, False), (5, 2, False), (16, 3, False),
                                            (4, 5, False), (6, 3, True)])
 def test_each_loss_reaches_exactly_its_parameters(K, k, recompute):
-    rule, net, aux = build(f"mlaan(dgl, k={k}, fuse=false, recompute={recompute})", "resnet32", K)
+    # the first reading (a cascade at every module); the paper's default: tests/test_faithful.py
+    rule, net, aux = build(f"mlaan(dgl, k={k}, fuse=false, recompute={recompute}, "
+                           "short_cascades=true)", "resnet32", K)
     touched, _ = traced_reach(rule, net, aux)
 
     def ids(*mods):
@@ -149,7 +153,7 @@ def test_twins_follow_the_real_blocks_by_ema_and_get_no_gradient():
 
 
 def test_leap_policy_and_parameter_roles():
-    rule, net, aux = build("mlaan(dgl)", "resnet32", 16)
+    rule, net, aux = build("mlaan(dgl, short_cascades=true)", "resnet32", 16)
     # module 0 is the stem: the first block of stage 2 and 3 (units 6, 11), the final unit
     # 15 and one evenly spaced unit; the last LAM holds the final block alone
     assert rule.blocks[0][-1] == 15 and {6, 11} <= set(rule.blocks[0]) and len(rule.blocks[0]) == 4
@@ -174,8 +178,9 @@ def test_options_and_errors():
     with pytest.raises(UserError, match="k must be at least 1"):
         expr.build("mlaan(dgl, k=0)")
     with pytest.raises(UserError, match="cannot follow"):
-        build("mlaan(dgl, leaps='0:12')", "resnet32", 16)
-    rule, _, _ = build("mlaan(dgl, leaps='0:6,11; 3:6,11,15')", "resnet32", 16)
+        build("mlaan(dgl, leaps='0:12', short_cascades=true)", "resnet32", 16)
+    rule, _, _ = build("mlaan(dgl, leaps='0:6,11; 3:6,11,15', short_cascades=true)",
+                       "resnet32", 16)
     assert rule.blocks[0] == [6, 11] and rule.blocks[3] == [6, 11, 15]
 
 

@@ -311,3 +311,29 @@ def test_engine_exports_resolve_lazily():
         assert e.TrainStep.__module__ == "localearn.engine.step"
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ reported metrics
+def test_runs_report_last_and_best_and_seeds_report_mean_and_spread(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "rep"
+    code = main(["fit", "--rule", "dgl", "--k", "2", "--epochs", "2", "--train-limit", "64",
+                 "--test-limit", "64", "--batch-size", "32", "--device", "cpu",
+                 "--no-progress", "--seeds", "3,4", "--output-dir", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 4]
+    for seed, last, best in zip((3, 4), summary["test_acc"], summary["best_test_acc"]):
+        run = json.loads((out / f"seed-{seed}" / "summary.json").read_text())
+        rows = [json.loads(r) for r in (out / f"seed-{seed}" / "metrics.jsonl").read_text()
+                .splitlines()]
+        epochs = [r for r in rows if "test_acc" in r]
+        assert run["seed"] == seed and run["last_test_acc"] == last == epochs[-1]["test_acc"]
+        assert best == run["best_test_acc"] == max(r["test_acc"] for r in epochs)
+        assert epochs[-1]["best_test_acc"] == best and run["best_epoch"] in (1, 2)
+    mean = (summary["test_acc"][0] + summary["test_acc"][1]) / 2
+    assert abs(summary["test_acc_mean"] - mean) < 1e-12
+    assert f"last test accuracy over seeds [3, 4]: {mean:.2%}" in stdout
+    assert main(["fit", "--seeds", "1,x"]) == 2

@@ -37,6 +37,8 @@ def flag_kwargs(name: str, field: FieldInfo) -> dict[str, Any]:
         kw["help"] = f"{text} (default: {'on' if default else 'off'})"
     elif typing.get_origin(kind) is Literal:
         kw["metavar"] = "{" + ",".join(str(a) for a in typing.get_args(kind)) + "}"
+    elif typing.get_origin(kind) is list:
+        kw["metavar"] = "A,B,..."
     elif kind in (int, float, Path):
         kw["type"] = kind
         kw["metavar"] = {int: "N", float: "X", Path: "PATH"}[kind]
@@ -58,7 +60,7 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
 def fit_command(args: argparse.Namespace) -> int:
     from localearn import distributed
     from localearn.config import FitConfig, make_config
-    from localearn.engine import checkpoint, fit
+    from localearn.engine import checkpoint, fit, fit_repeats
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     overrides = dict(given)
@@ -70,7 +72,19 @@ def fit_command(args: argparse.Namespace) -> int:
     cfg = make_config(args.config, **overrides)
     if cfg.nproc > 1 and not distributed.launched():
         return distributed.relaunch(cfg.nproc, list(args.argv))
+    main = distributed.current_env().is_main
+    if cfg.seeds:
+        repeats = fit_repeats(cfg)
+        if main:
+            for key, what in (("test_acc", "last"), ("best_test_acc", "best")):
+                mean, std = repeats.stats(key)
+                each = ", ".join(f"{getattr(r, key):.2%}" for r in repeats.results)
+                print(f"{what} test accuracy over seeds {cfg.seeds}: {mean:.2%} +- {std:.2%} "
+                      f"(sample std; runs: {each})")
+            print(f"wrote {cfg.output_dir / 'seeds.json'}")
+        return 0
     result = fit(cfg)
-    if distributed.current_env().is_main:
-        print(f"final test accuracy {result.test_acc:.2%}")
+    if main:
+        print(f"final test accuracy {result.test_acc:.2%} (best {result.best_test_acc:.2%} "
+              f"at epoch {result.best_epoch})")
     return 0

@@ -20,9 +20,10 @@ from typing import Any
 #: public names and the module that defines each; imported on first use, so that
 #: `localearn.build` can use `localearn.engine.step` while `loop` uses `localearn.build`
 _EXPORTS = {
-    "FitResult": "loop", "Trainer": "loop", "TrainingDiverged": "loop", "evaluate": "loop",
-    "fit": "loop", "warmup_cosine": "loop", "RunState": "state", "EngineContext": "step",
-    "TrainStep": "step", "autocast": "step",
+    **dict.fromkeys(["FitResult", "RepeatsResult", "Trainer", "TrainingDiverged", "evaluate",
+                     "fit", "fit_repeats", "warmup_cosine"], "loop"),
+    "RunState": "state",
+    **dict.fromkeys(["EngineContext", "TrainStep", "autocast"], "step"),
 }
 __all__ = sorted(_EXPORTS)
 

@@ -60,6 +60,17 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     """The process's RNG states (torch CPU and current CUDA device, numpy, random), stored

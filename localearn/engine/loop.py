@@ -4,8 +4,10 @@ One batch is `localearn.engine.step.TrainStep`'s work; the run's position is a `
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,14 +25,15 @@ from localearn.config import FitConfig
 from localearn.data import make_loader
 from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
-from localearn.engine.checkpoint import atomic_save
+from localearn.engine.checkpoint import atomic_save, atomic_write_text
 from localearn.engine.state import RunState
 from localearn.engine.step import NonFiniteLoss, autocast
 from localearn.errors import UserError
 from localearn.runlog import RunLog, peak_memory_mb
 
-__all__ = ["FitResult", "Trainer", "TrainingDiverged", "atomic_save", "evaluate", "fit",
-           "resolve_device", "seed_everything", "warmup_cosine"]
+__all__ = ["FitResult", "RepeatsResult", "Trainer", "TrainingDiverged", "atomic_save",
+           "evaluate", "fit", "fit_repeats", "resolve_device", "seed_everything",
+           "warmup_cosine"]
 
 
 class TrainingDiverged(UserError):
@@ -70,11 +73,22 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, *,
 
 @dataclass
 class FitResult:
+    """A finished run: the last epoch's test accuracy and train loss, the best test accuracy
+    and its epoch (the public code reports the best; the paper the mean of 3 runs' last)."""
+
     test_acc: float
     train_loss: float
     history: list[dict] = field(default_factory=list)
     step: int = 0
     checkpoint: Path | None = None
+    best_test_acc: float = 0.0
+    best_epoch: int = 0
+
+
+def best_of(history: list[dict]) -> tuple[float, int]:
+    """The best test accuracy in ``history`` and its epoch (the earliest on a tie)."""
+    best = max(history, key=lambda r: (r["test_acc"], -r["epoch"]))
+    return best["test_acc"], best["epoch"]
 
 
 class Trainer:
@@ -244,6 +258,20 @@ class Trainer:
                 and self.state.batch_in_epoch < self.steps_per_epoch):  # epoch ends save anyway
             self.save_checkpoint()
 
+    def _write_summary(self, result: FitResult) -> None:
+        """``summary.json``: last and best test accuracy, the run's size and its settings."""
+        cfg = self.cfg
+        rows = self.history
+        summary = {
+            "rule": self.rule.expression, "model": cfg.model, "k": self.net.k,
+            "dataset": cfg.dataset, "seed": cfg.seed, "epochs": len(rows), "steps": self.step,
+            "last_test_acc": result.test_acc, "best_test_acc": result.best_test_acc,
+            "best_epoch": result.best_epoch, "final_train_loss": result.train_loss,
+            "train_time_s": sum(r["epoch_time"] for r in rows),
+            "config": cfg.model_dump(mode="json"),
+        }
+        atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2))
+
     def _diverged(self, value: float, epoch: int) -> None:
         last = self.last_checkpoint
         keep = (f"the last good checkpoint is {last} (resume it with --resume {last}, e.g. "
@@ -390,6 +418,7 @@ class Trainer:
                                            channels_last=cfg.channels_last, env=env)
                 self.state.epoch_done = True
                 self.history.append(row)
+                row["best_test_acc"], row["best_epoch"] = best_of(self.history)
                 self.log.epoch(row)
                 if env.is_main:
                     self._bar.clear()
@@ -402,11 +431,15 @@ class Trainer:
             if not self.history:
                 raise UserError(f"nothing to report: no epoch finished in {out}")
             final = self._finish()
-            if env.is_main:
-                print(f"wrote {self.log.metrics_path} and {final}", flush=True)
             last = self.history[-1]
-            return FitResult(last["test_acc"], last["train_loss"], self.history, self.step,
-                             final)
+            best, best_epoch = best_of(self.history)
+            result = FitResult(last["test_acc"], last["train_loss"], self.history, self.step,
+                               final, best, best_epoch)
+            if env.is_main:
+                self._write_summary(result)
+                print(f"wrote {self.log.metrics_path}, {out / 'summary.json'} and {final}",
+                      flush=True)
+            return result
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -420,3 +453,40 @@ class Trainer:
 def fit(cfg: FitConfig) -> FitResult:
     """Train one run end to end; see `Trainer`."""
     return Trainer(cfg).fit()
+
+
+@dataclass
+class RepeatsResult:
+    """Runs of one configuration that differ only in the seed."""
+
+    seeds: list[int]
+    results: list[FitResult]
+
+    def stats(self, key: str) -> tuple[float, float]:
+        """Mean and sample standard deviation (0 for one run) of ``test_acc`` or
+        ``best_test_acc`` over the seeds."""
+        values = [getattr(r, key) for r in self.results]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fit_repeats(cfg: FitConfig) -> RepeatsResult:
+    """Train ``cfg`` once per seed in ``cfg.seeds``, each into ``OUTPUT_DIR/seed-N``; write
+    ``OUTPUT_DIR/seeds.json`` with every run's last and best accuracy and their mean and
+    spread."""
+    seeds = list(cfg.seeds or [cfg.seed])
+    results = []
+    for seed in seeds:
+        one = cfg.model_copy(update={"seed": seed, "seeds": None,
+                                     "output_dir": cfg.output_dir / f"seed-{seed}"})
+        results.append(fit(one))
+    out = RepeatsResult(seeds, results)
+    if dist_.current_env().is_main:
+        summary = {"seeds": seeds,
+                   "test_acc": [r.test_acc for r in results],
+                   "best_test_acc": [r.best_test_acc for r in results]}
+        for key in ("test_acc", "best_test_acc"):
+            mean, std = out.stats(key)
+            summary[f"{key}_mean"], summary[f"{key}_std"] = mean, std
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.output_dir / "seeds.json", json.dumps(summary, indent=2))
+    return out

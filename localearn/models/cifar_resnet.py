@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from localearn.errors import UserError
 from localearn.interfaces import LocalModuleSplitter
+from localearn.network import SplitNetwork
 
 __all__ = ["BasicBlock", "CifarResNet", "CifarResNetSplitter", "resnet32", "resnet110"]
 
@@ -84,7 +85,11 @@ def resnet110(pretrained: bool = False, num_classes: int = 10, **kwargs) -> Cifa
 
 
 class CifarResNetSplitter(LocalModuleSplitter):
-    """CIFAR ResNet: units are the stem and each BasicBlock; the pooled classifier ends the net."""
+    """CIFAR ResNet: units are the stem and each BasicBlock; the pooled classifier ends the net.
+
+    Split policies: ``even`` and ``cuts:<unit>,...`` (the base class's), ``balanced``
+    (InfoPro*'s memory-balanced split) and ``public`` (the cut points of the public MLAAN and
+    InfoPro code, `PUBLIC_SPLITS`)."""
 
     def accepts(self, backbone: nn.Module) -> bool:
         return isinstance(backbone, CifarResNet)
@@ -98,24 +103,92 @@ class CifarResNetSplitter(LocalModuleSplitter):
         return backbone.head
 
     def cuts(self, num_units: int, k: int, policy: str = "even") -> list[int]:
-        """``even`` (the base class's) or ``balanced``: InfoPro*'s memory-balanced split. It
-        gives the published ResNet-110 cut points for K=2, 3, 4 and otherwise the split that
-        minimises the largest module's activation memory (see `balanced_cuts`)."""
-        if policy != "balanced":
-            if policy != "even":
-                raise UserError(f"unknown split policy {policy!r} for CIFAR ResNets; valid: "
-                                "even, balanced")
+        """``balanced``: the published InfoPro* cut points for ResNet-110 at K=2, 3, 4 and
+        otherwise the split that minimises the largest module's activation memory (see
+        `balanced_cuts`). ``public``: `PUBLIC_SPLITS` (K=1 is always the whole network).
+        Any other policy goes to the base class (``even``, ``cuts:...``)."""
+        if policy == "public":
+            return public_cuts(num_units, k)
+        if policy == "balanced":
+            if k in BALANCED_PRESETS.get(num_units, {}):
+                return list(BALANCED_PRESETS[num_units][k])
+            return balanced_cuts(unit_costs(num_units), k)
+        if policy == "even" or policy.startswith("cuts:"):
             return super().cuts(num_units, k, policy)
-        if k in BALANCED_PRESETS.get(num_units, {}):
-            return list(BALANCED_PRESETS[num_units][k])
-        return balanced_cuts(unit_costs(num_units), k)
+        raise UserError(f"unknown split policy {policy!r} for CIFAR ResNets; valid: even, "
+                        "balanced, public, cuts:<unit>,<unit>,...")
+
+    def split(self, backbone: nn.Module, k: int, input_shape: tuple[int, int, int],
+              policy: str = "even", model_name: str = "") -> SplitNetwork:
+        """As the base class; ``balanced`` on 96x96 inputs (STL-10) takes InfoPro*'s STL-10
+        cut points where they differ from CIFAR-10's (`BALANCED_PRESETS_STL10`)."""
+        units = self.units(backbone)
+        stl = BALANCED_PRESETS_STL10.get(len(units), {}).get(k)
+        if policy == "balanced" and tuple(input_shape[1:]) == (96, 96) and stl is not None:
+            return SplitNetwork(units, self.classifier(backbone), list(stl), input_shape,
+                                model_name=model_name, split=policy)
+        return super().split(backbone, k, input_shape, policy, model_name)
 
 
 #: InfoPro*'s published memory-balanced cuts (unit index where each module starts, the stem is
-#: unit 0), by unit count and K: ResNet-110 only, from the public InfoPro code's configs.
+#: unit 0), by unit count and K: ResNet-110 only, from the public InfoPro code's configs
+#: (``InfoPro_balanced_memory['resnet110']['cifar10']``).
 BALANCED_PRESETS: dict[int, dict[int, tuple[int, ...]]] = {
     55: {2: (16,), 3: (11, 22), 4: (8, 16, 28)},
 }
+#: InfoPro*'s STL-10 cuts where they differ from CIFAR-10's (K=3: blocks 9 / 11 / 34).
+BALANCED_PRESETS_STL10: dict[int, dict[int, tuple[int, ...]]] = {55: {3: (10, 21)}}
+
+
+def _starts(ends: list[int]) -> tuple[int, ...]:
+    """Module starts from the public configs' "last unit of each module" lists."""
+    return tuple(e + 1 for e in ends)
+
+
+#: The cut points of the public code (unit index where modules 1.. start; unit 0 is the stem),
+#: by unit count (16: ResNet-32, 55: ResNet-110) and K. From the MLAAN repository's
+#: ``config2.py``, whose entries for K <= 16 are InfoPro's ``configs.py`` ones. The public code
+#: keeps the stem outside its modules, so its ResNet-32 "K=15" and ResNet-110 "K=54" (one
+#: block per module) are the paper's K=16 and K=55 here, the stem a module of its own; at every
+#: other K the stem rides with module 0, as it does here. ResNet-110 K=32 is MLAAN's per-stage
+#: split (11 + 11 + 10 modules of 1 or 2 blocks).
+PUBLIC_SPLITS: dict[int, dict[int, tuple[int, ...]]] = {
+    16: {
+        2: _starts([7]),
+        3: _starts([5, 10]),
+        4: _starts([3, 7, 11]),
+        8: _starts([1, 3, 5, 7, 9, 11, 13]),
+        16: tuple(range(1, 16)),
+    },
+    55: {
+        2: _starts([27]),
+        3: _starts([18, 36]),
+        4: _starts([12, 26, 40]),
+        8: _starts([5, 12, 19, 26, 33, 40, 47]),
+        16: _starts([2, 5, 8, 11, 14, 17, 20, 23, 26, 30, 34, 38, 42, 46, 50]),
+        32: _starts([2, 3, 5, 6, 8, 10, 12, 14, 15, 17, 18,
+                     20, 21, 23, 24, 26, 28, 30, 32, 33, 35, 36,
+                     38, 40, 41, 43, 44, 46, 48, 50, 52]),
+        55: tuple(range(1, 55)),
+    },
+}
+
+
+def public_cuts(num_units: int, k: int) -> list[int]:
+    """`PUBLIC_SPLITS`' cuts for this unit count and K; a `UserError` naming the supported ones
+    otherwise."""
+    if k == 1:
+        return []
+    table = PUBLIC_SPLITS.get(num_units, {})
+    if k not in table:
+        supported = "; ".join(f"{_MODEL_OF_UNITS[n]} K={', '.join(map(str, sorted(t)))}"
+                              for n, t in PUBLIC_SPLITS.items())
+        raise UserError(f"split 'public' has no cut points for K={k} of a {num_units}-unit "
+                        f"CIFAR ResNet; the public code has: {supported}")
+    return list(table[k])
+
+
+_MODEL_OF_UNITS = {16: "resnet32", 55: "resnet110"}
 
 
 def unit_costs(num_units: int) -> list[int]:

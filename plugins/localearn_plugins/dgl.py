@@ -1,19 +1,38 @@
-"""DGL (Belilovsky et al., ICML 2020): each module trained by a small CNN+MLP classifier."""
+"""DGL (Belilovsky et al., ICML 2020): each module trained by a small CNN+MLP classifier.
+
+Two heads, picked by ``dgl(style=...)``:
+
+- ``dgl`` (default): DGL's own ``mlp-sr`` auxiliary net (`DGLHead`), whose widths follow the
+  features' channels C;
+- ``public``: the fixed-width head of the public MLAAN code's DGL variant (`PublicDGLHead`),
+  128 channels and a 512-wide MLP whatever C is.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from torch import Tensor, nn
 
 from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape
 
+Style = Literal["dgl", "public"]
+
 
 class DGLHead(AuxHead):
     """DGL's ``mlp-sr`` auxiliary net: pool to a quarter of the spatial size, three 1x1
-    conv-BN-ReLU, pool to 2x2, a 3-layer MLP of width 4C, then the classifier; cross-entropy.
-    The hidden width C is capped at ``max_width`` (128: the public MLAAN code's DGL head), so
-    ImageNet-width features (up to 2048 channels) do not need billions of head parameters."""
+    conv-BN-ReLU of width C, pool to 2x2, a 3-layer MLP of width 4C (linear layers without bias,
+    each followed by BN and ReLU), then the linear classifier; cross-entropy.
+
+    ``width`` scales C; the hidden width is capped at ``max_width`` (128). The cap is
+    localearn's own choice, not DGL's and not the public MLAAN code's: CIFAR ResNet widths
+    (16/32/64) never reach it, and it keeps ImageNet-width features (up to 2048 channels, a
+    4C = 8192-wide MLP) from needing hundreds of millions of parameters per head. The public
+    MLAAN code's DGL variant has a different, fixed-width head: `PublicDGLHead`.
+
+    Parameters for 10 classes at ResNet-32's widths (BatchNorm affine included):
+    C=16: 14,186; C=32: 54,474; C=64: 213,386."""
 
     def __init__(self, shape: Shape, info: DataInfo, width: float = 1.0,
                  max_width: int = 128) -> None:
@@ -40,17 +59,59 @@ class DGLHead(AuxHead):
         return nn.functional.cross_entropy(self(features), targets)
 
 
+class PublicDGLHead(AuxHead):
+    """The DGL head of the public MLAAN code's DGL variant (its ``auxDGL.py``): three 1x1
+    conv(no bias)-BN-ReLU to 128 channels at the features' full resolution, global average
+    pooling, a 128-512-512-512 MLP (linear layers with bias, each followed by BN and ReLU),
+    then a linear classifier with bias; cross-entropy. The widths are fixed: 128 channels and
+    a 512-wide MLP for any C. The code's live ``forward`` feeds the features to the convs
+    directly (an earlier, commented-out one pooled to 8x8 first); so does this head.
+
+    Parameters for 10 classes (BatchNorm affine included): 128*C + 633,098, i.e. C=16:
+    635,146; C=32: 637,194; C=64: 641,290."""
+
+    WIDTH, MLP = 128, 512
+
+    def __init__(self, shape: Shape, info: DataInfo) -> None:
+        super().__init__(shape, info)
+        c = shape[0]
+        layers: list[nn.Module] = []
+        for i in range(3):
+            layers += [nn.Conv2d(c if i == 0 else self.WIDTH, self.WIDTH, 1, bias=False),
+                       nn.BatchNorm2d(self.WIDTH), nn.ReLU(inplace=True)]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        for i in range(3):
+            layers += [nn.Linear(self.WIDTH if i == 0 else self.MLP, self.MLP),
+                       nn.BatchNorm1d(self.MLP), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(self.MLP, info.num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.classifier(self.features(features))
+
+    def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(self(features), targets)
+
+
 class DGL(LocalRule):
-    """Decoupled Greedy Learning: a DGL head and cross-entropy on every module."""
+    """Decoupled Greedy Learning: a DGL head and cross-entropy on every module.
+
+    Options: ``style`` dgl|public (the head, see the module docstring); ``width`` and
+    ``max_width`` scale and cap `DGLHead`'s widths (``style=dgl`` only)."""
 
     description = "Decoupled Greedy Learning: a conv+MLP classifier head per module (ICML 2020)"
 
-    def __init__(self, width: float = 1.0, max_width: int = 128) -> None:
+    def __init__(self, style: Style = "dgl", width: float = 1.0, max_width: int = 128) -> None:
         super().__init__()
         if width <= 0 or max_width < 1:
             raise ValueError(f"width must be positive and max_width at least 1 (got {width}, "
                              f"{max_width})")
-        self.width, self.max_width = width, max_width
+        if style == "public" and (width != 1.0 or max_width != 128):
+            raise ValueError("width and max_width shape DGL's own head (style=dgl); the public "
+                             "head's widths are fixed")
+        self.style, self.width, self.max_width = style, width, max_width
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        if self.style == "public":
+            return PublicDGLHead(shape, info)
         return DGLHead(shape, info, self.width, self.max_width)

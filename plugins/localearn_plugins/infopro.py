@@ -7,8 +7,15 @@ InfoPro's default) or cross-entropy (``ce``, the paper's "InfoPro (Softmax)"). B
 ramp linearly from module 0 (``ixx_1``, ``ixy_1``) to module K-2 (``ixx_2``, ``ixy_2``); the
 last module is trained by the backbone's own classifier, as in every local rule.
 
-Weights the user leaves out come from the public InfoPro settings for the model and K
-(`DEFAULTS`). A head whose weight is 0 is not built at all, so it holds no idle parameters.
+Weights the user leaves out come from the public InfoPro settings for the dataset, the model and
+K (`DEFAULTS`, `settings_for`). A head whose weight is 0 is not built at all, so it holds no
+idle parameters. A module whose two weights are both 0 gets a head with nothing in it, whose
+loss is 0 (what the public code's ``0 * BCE + 0 * CE`` amounts to): InfoPro alone refuses that
+(nothing would train the module), but under MLAAN the cascades still train it. So the public
+MLAAN(InfoPro) settings, ``mlaan(infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0))``, run
+as given: module K-2's own InfoPro losses are 0 and the final loss trains it.
+(The public MLAAN code ramps by the stage index (1..3) / (K-2) rather than the module index,
+so its weights never reach 0; localearn keeps InfoPro's module-index ramp.)
 """
 
 from __future__ import annotations
@@ -27,16 +34,69 @@ from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwo
 LossMode = Literal["contrast", "ce"]
 DecoderKind = Literal["auto", "upsample", "progressive"]
 
-#: (ixx_1, ixx_2, ixy_1, ixy_2) of the public InfoPro scripts on CIFAR-10, by model and K.
-#: ``resnet110*`` is InfoPro* (the memory-balanced split). K=2 has one head, so only the
-#: ``_1`` values matter there.
-DEFAULTS: dict[str, dict[int, tuple[float, float, float, float]]] = {
-    "resnet32": {2: (5, 5, 1, 1), 4: (6, 1, 0, 2), 8: (5, 0, 0, 2), 16: (5, 0.2, 0.05, 0.5)},
-    "resnet110": {2: (5, 5, 0.5, 0.5), 4: (1, 0, 0, 1), 8: (5, 0, 0, 1), 16: (5, 0.5, 0, 1)},
-    "resnet110*": {2: (5, 5, 0.1, 0.1), 3: (5, 5, 0, 0.1), 4: (5, 5, 0, 0.1)},
+#: (ixx_1, ixx_2, ixy_1, ixy_2) of the public InfoPro scripts (``comand.sh``), by dataset,
+#: model and K. ``resnet110*`` is InfoPro* (the memory-balanced split). K=2 has one head, so
+#: only the ``_1`` values matter there. The scripts hold ResNet-32 settings for CIFAR-10 only,
+#: and InfoPro* settings for CIFAR-10 and STL-10 only; `settings_for` says what stands in.
+Ends = tuple[float, float, float, float]
+DEFAULTS: dict[str, dict[str, dict[int, Ends]]] = {
+    "cifar10": {
+        "resnet32": {2: (5, 5, 1, 1), 4: (6, 1, 0, 2), 8: (5, 0, 0, 2), 16: (5, 0.2, 0.05, 0.5)},
+        "resnet110": {2: (5, 5, 0.5, 0.5), 4: (1, 0, 0, 1), 8: (5, 0, 0, 1),
+                      16: (5, 0.5, 0, 1)},
+        "resnet110*": {2: (5, 5, 0.1, 0.1), 3: (5, 5, 0, 0.1), 4: (5, 5, 0, 0.1)},
+    },
+    "stl10": {
+        "resnet110": {2: (10, 10, 1, 1), 4: (20, 5, 0.2, 2), 8: (20, 5, 0.2, 1),
+                      16: (20, 10, 0.5, 0.1)},
+        "resnet110*": {2: (20, 20, 1, 1), 3: (20, 5, 0.5, 2), 4: (20, 10, 0.5, 1)},
+    },
+    "svhn": {
+        "resnet110": {2: (1, 1, 0.1, 0.1), 4: (5, 0.5, 0, 1), 8: (5, 0.5, 0, 2),
+                      16: (5, 0.5, 0.2, 1)},
+    },
 }
-#: the table used for a backbone InfoPro published no settings for
+#: the table used for a backbone InfoPro published no settings for (on the same dataset)
 FALLBACK_MODEL = "resnet110"
+#: the dataset assumed when the data is none of InfoPro's
+FALLBACK_DATASET = "cifar10"
+
+
+def settings_for(model: str | None, dataset: str) -> tuple[str, str]:
+    """The ``(dataset, model)`` row of `DEFAULTS` that serves ``model`` on ``dataset``; the
+    first that exists of: the pair itself; for InfoPro* (``resnet110*``), the plain model on
+    that dataset (SVHN has no InfoPro* settings); the dataset's ResNet-110 row (ResNet-32 on
+    STL-10 or SVHN, and unknown backbones: the weights depend more on the data than on the
+    depth, STL-10 rebuilding 96x96 images at four times CIFAR-10's weight); then the same steps
+    on CIFAR-10, for data InfoPro has no settings for."""
+    for data in dict.fromkeys((dataset if dataset in DEFAULTS else FALLBACK_DATASET,
+                               FALLBACK_DATASET)):
+        rows = DEFAULTS[data]
+        for name in (model, (model or "").rstrip("*"), FALLBACK_MODEL):
+            if name in rows:
+                return data, name
+    raise AssertionError("unreachable: the fallback row exists")
+
+
+_DIGITS = tuple(str(d) for d in range(10))
+_STL10 = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+
+
+def identify_dataset(info: DataInfo) -> str:
+    """Which of InfoPro's datasets ``info`` describes: its ``name`` when `DataInfo` carries one
+    (``cifar10-shards`` counts as ``cifar10``), else by its shape: 96x96 images or STL-10's
+    class names are ``stl10``; digit classes normalised with mean = std = 0.5 (SVHN's
+    normalisation in the public code) are ``svhn``; everything else counts as ``cifar10``."""
+    name = str(getattr(info, "name", "") or getattr(info, "dataset", "")).lower()
+    if name:
+        base = name.split("-")[0]
+        return base if base in DEFAULTS else FALLBACK_DATASET
+    if tuple(info.input_shape[1:]) == (96, 96) or tuple(info.class_names) == _STL10:
+        return "stl10"
+    half = (0.5,) * len(info.mean)
+    if tuple(info.class_names) == _DIGITS and info.mean == half and info.std == half:
+        return "svhn"
+    return FALLBACK_DATASET
 
 
 def supcon_loss(features: Tensor, targets: Tensor, temperature: float = 0.07) -> Tensor:
@@ -183,9 +243,11 @@ def make_classifier(channels: int, out: int, config: str = "1c2f", widen: float 
 class InfoProHead(AuxHead):
     """One module's InfoPro head: ``loss = ixx * reconstruction + ixy * task``.
 
-    ``decoder`` exists only when ixx > 0 and ``classifier`` only when ixy > 0. The task term
-    is the supervised contrastive loss on a ``feature_dim``-d normalised projection
-    (``contrast``) or cross-entropy on class logits (``ce``).
+    ``decoder`` exists only when ixx > 0 and ``classifier`` only when ixy > 0; with both 0 the
+    head is empty and its loss is 0 (a zero that still back-propagates, as the public code's
+    ``0 * loss`` does). The task term is the supervised contrastive loss on a
+    ``feature_dim``-d normalised projection (``contrast``) or cross-entropy on class logits
+    (``ce``).
     """
 
     def __init__(self, shape: Shape, info: DataInfo, ixx: float, ixy: float,
@@ -193,8 +255,8 @@ class InfoProHead(AuxHead):
                  feature_dim: int = 128, temperature: float = 0.07,
                  decoder: DecoderKind = "auto") -> None:
         super().__init__(shape, info)
-        if ixx < 0 or ixy < 0 or ixx + ixy == 0:
-            raise ValueError(f"need ixx >= 0, ixy >= 0 and not both 0 (got {ixx}, {ixy})")
+        if ixx < 0 or ixy < 0:
+            raise ValueError(f"need ixx >= 0 and ixy >= 0 (got {ixx}, {ixy})")
         self.ixx, self.ixy = float(ixx), float(ixy)
         self.mode, self.temperature = loss, temperature
         self.decoder = Decoder(shape, info.input_shape, widen, decoder) if ixx > 0 else None
@@ -228,6 +290,8 @@ class InfoProHead(AuxHead):
         return F.cross_entropy(out.float(), targets)
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        if self.decoder is None and self.classifier is None:  # both weights 0
+            return features.float().sum() * 0.0
         total = features.new_zeros((), dtype=torch.float32)
         if self.decoder is not None:
             total = total + self.ixx * self.reconstruction_loss(features, images)
@@ -243,11 +307,12 @@ def ramp(first: float, last: float, index: int, num_modules: int) -> float:
 
 
 def identify(net: SplitNetwork) -> str | None:
-    """The `DEFAULTS` key for ``net``: its registry model name when InfoPro published settings
-    for it, ``resnet110*`` for a ResNet-110 under the memory-balanced split at a K InfoPro*
-    published (its own cut points); else None."""
-    model = net.model_name if net.model_name in DEFAULTS else None
-    if model and net.split == "balanced" and net.k in DEFAULTS.get(model + "*", {}):
+    """The `DEFAULTS` model key for ``net``: its registry model name when InfoPro published
+    settings for it (on any dataset), ``resnet110*`` for a ResNet-110 under the memory-balanced
+    split at a K InfoPro* published (its own cut points); else None."""
+    rows = {name: set(table) for data in DEFAULTS.values() for name, table in data.items()}
+    model = net.model_name if net.model_name in rows else None
+    if model and net.split == "balanced" and net.k in rows.get(model + "*", set()):
         return model + "*"
     return model
 
@@ -255,7 +320,8 @@ def identify(net: SplitNetwork) -> str | None:
 class InfoPro(LocalRule):
     """InfoPro: decoder + contrastive (or CE) head per module, weights ramped over depth.
 
-    Options (any left out takes the public InfoPro value for the model and K, `DEFAULTS`):
+    Options (any left out takes the public InfoPro value for the dataset, model and K,
+    `DEFAULTS`; the dataset comes from the `DataInfo` the heads are made with):
     ``loss`` contrast|ce; ``ixx_1``/``ixx_2`` reconstruction weight of module 0 / K-2;
     ``ixy_1``/``ixy_2`` task weight; ``head`` classifier config (``1c2f``); ``widen`` head
     width factor; ``feature_dim`` projection and hidden width; ``temperature`` for SupCon;
@@ -286,6 +352,7 @@ class InfoPro(LocalRule):
         self.head, self.widen, self.feature_dim = head, widen, feature_dim
         self.temperature, self.decoder = temperature, decoder
         self.model: str | None = None  # set by `configure`; picks the row of `DEFAULTS`
+        self.dataset = FALLBACK_DATASET  # set from the DataInfo by `setup` / `make_head`
 
     def configure(self, net: SplitNetwork) -> None:
         """Learn which backbone ``net`` is and how it was split, for the per-model defaults
@@ -294,9 +361,10 @@ class InfoPro(LocalRule):
 
     def ramp_ends(self, num_modules: int) -> dict[str, float]:
         """``ixx_1, ixx_2, ixy_1, ixy_2`` in force for K = ``num_modules``: the user's values,
-        the rest from `DEFAULTS` for the model (an unknown model uses ResNet-110's table) at the
-        nearest tabulated K (the larger on a tie)."""
-        table = DEFAULTS[self.model] if self.model in DEFAULTS else DEFAULTS[FALLBACK_MODEL]
+        the rest from `DEFAULTS` for the dataset and model (`settings_for`) at the nearest
+        tabulated K (the larger on a tie)."""
+        data, model = settings_for(self.model, self.dataset)
+        table = DEFAULTS[data][model]
         k = min(table, key=lambda t: (abs(t - num_modules), -t))
         defaults = dict(zip(("ixx_1", "ixx_2", "ixy_1", "ixy_2"), table[k]))
         return {key: float(defaults[key] if value is None else value)
@@ -308,13 +376,23 @@ class InfoPro(LocalRule):
         return (ramp(ends["ixx_1"], ends["ixx_2"], index, num_modules),
                 ramp(ends["ixy_1"], ends["ixy_2"], index, num_modules))
 
+    def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
+        """InfoPro alone: every module i < K-1 is trained by its head only, so a module whose
+        two weights are both 0 is a `UserError` (under MLAAN it is not: see the module doc)."""
+        self.configure(net)
+        self.dataset = identify_dataset(info)
+        for i in range(net.k - 1):
+            ixx, ixy = self.weights(i, net.k)
+            if ixx <= 0 and ixy <= 0:
+                ends = self.ramp_ends(net.k)
+                raise UserError(f"infopro: module {i} of {net.k} gets ixx=0 and ixy=0 (ramps "
+                                f"ixx {ends['ixx_1']}->{ends['ixx_2']}, ixy {ends['ixy_1']}->"
+                                f"{ends['ixy_2']}), so nothing would train it; make one of its "
+                                "weights positive (under mlaan its cascades train it)")
+        return super().setup(net, info)
+
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        self.dataset = identify_dataset(info)
         ixx, ixy = self.weights(index, num_modules)
-        if ixx <= 0 and ixy <= 0:
-            ends = self.ramp_ends(num_modules)
-            raise UserError(f"infopro: module {index} of {num_modules} gets ixx=0 and ixy=0 "
-                            f"(ramps ixx {ends['ixx_1']}->{ends['ixx_2']}, ixy "
-                            f"{ends['ixy_1']}->{ends['ixy_2']}), so nothing would train it; "
-                            "make one of its weights positive")
         return InfoProHead(shape, info, ixx, ixy, self.loss_mode, self.head, self.widen,
                            self.feature_dim, self.temperature, self.decoder)

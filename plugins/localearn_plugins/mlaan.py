@@ -1,17 +1,34 @@
 """MLAAN (Zhang et al.): multilaminar local modules and leap-augmented modules over any base rule.
 
-For every module i < K-1 (the last module is trained by the backbone's classifier):
+Modules 0..K-1; the last is trained by the backbone's classifier. As the paper's section III-B
+defines them, a cascade is k consecutive modules (the first f_1..f_k, the next f_2..f_k+1, ...),
+and its auxiliary network sits after the cascade's last module. So, by default:
 
-- independent loss: the base rule's head on module i's output; reaches module i and that head;
-- cascade loss: modules max(0, i-k+1)..i, then the leap-augmented module LAM_i, then a cascade
-  head of the base rule's kind; reaches those modules, LAM_i's trained copies and that head;
-- objective ``wx * independent + wy * cascade``; the final cross-entropy reaches the last
-  min(k, K) modules.
+- independent loss, for every module i < K-1: the base rule's head on module i's output;
+  reaches module i and that head;
+- cascade loss, for every module i with k-1 <= i < K-1 (the modules that end a cascade):
+  modules i-k+1..i, then the leap-augmented module LAM_i, then a cascade head of the base
+  rule's kind; reaches those modules, LAM_i's trained copies and that head;
+- module i's objective is ``wx * independent + wy * cascade`` (the paper's eta_d, eta_c), and
+  ``wx * independent`` alone for i < k-1: eq. (5) gives every module the same eta_d on its
+  independent term, and modules before the first cascade's end have no cascade head (they are
+  still reached by every cascade that contains them);
+- the final cross-entropy reaches the last min(k, K) modules.
 
-LAM_i holds trained copies of up to p later backbone blocks (the leap policy picks them); the
-first copy (every copy with ``ema_blocks=all``) adds the output of an EMA twin of the same real
-block, ``twin = r * twin + (1 - r) * real`` after every optimizer step. Twins get no gradient but
-pass gradients through; twins of the same real block are one module.
+With ``short_cascades=true`` (the first reading of localearn, kept as an option) every module
+i < K-1 ends a cascade, the early ones shortened to modules max(0, i-k+1)..i, so that every
+module gets k cascade signals. docs/mlaan.md quotes the sentences of the paper behind each
+reading.
+
+LAM_i holds trained copies of up to p later backbone blocks (the leap policy picks them, or an
+explicit table: ``leaps='2:6,11,15; 3:6,11'`` or ``leaps=public``, the public code's tables);
+the first copy (every copy with ``ema_blocks=all``) adds the output of an EMA twin of the same
+real block, ``twin = r * twin + (1 - r) * real`` after every optimizer step. Twins get no
+gradient but pass gradients through; twins of the same real block are one module.
+
+Everything made per cascade (``blocks``, ``copies``, ``cascade_heads``) is indexed by the
+cascade's position; ``cascades[c]`` is the module that ends cascade c (with
+``short_cascades=true``, c itself).
 
 Unlike the public code, every backbone module runs forward once per step: the graphs of the last
 k modules are kept and each cascade's gradient is routed back through them, a graph freed once no
@@ -21,8 +38,8 @@ again from its kept input with the same random state, BatchNorm statistics put b
 and each LAM block keeps only its input and is run again in its backward (activation
 checkpointing; a copy's BatchNorm statistics, unused outside training, are then updated twice).
 That costs up to k extra forwards of every module and one of every LAM. Fixed here against the
-public code: every module's twin is updated (not only the last), no loss is discarded, module 0
-has its losses, and the cascade depth is the paper's k.
+public code: every module's twin is updated (not only the last), no loss is discarded, every
+module i < K-1 has its independent loss, and the cascade depth is the paper's k.
 """
 
 from __future__ import annotations
@@ -64,6 +81,62 @@ def leap_blocks(unit_shapes: list[tuple[int, ...]], last_unit: int, p: int) -> l
     return sorted(chosen)
 
 
+def _rows(*groups: tuple[range | int, list[int]]) -> dict[int, list[int]]:
+    table: dict[int, list[int]] = {}
+    for modules, units in groups:
+        for m in ([modules] if isinstance(modules, int) else modules):
+            table[m] = list(units)
+    return table
+
+
+_R32_A, _R32_B, _R32_C = [6, 11, 13, 15], [6, 11, 14, 15], [11, 13, 14, 15]
+_R110_A, _R110_B, _R110_C = [19, 37, 39, 54], [37, 39, 40, 54], [37, 40, 41, 54]
+
+#: The public MLAAN code's CIFAR leap tables (``configAuxPlus_new.py``), converted to localearn's
+#: indices: module m as split by ``--split public`` (`PUBLIC_SPLITS`; unit 0 is the stem, block
+#: ``[stage, b]`` is unit n*(stage-1)+b+1 with n = 5 or 18). The code's ResNet-32 "K=15" and
+#: ResNet-110 "K=54" are K=16 and K=55 here (the stem its own module, which has no entry). Every
+#: copied block lies after its module. Rows the public code builds but never runs (its module 0)
+#: are kept: they serve modules that end a cascade here (``short_cascades=true``, or k=1).
+PUBLIC_LEAPS: dict[tuple[str, int], dict[int, list[int]]] = {
+    ("resnet32", 8): _rows((range(0, 2), _R32_A), (2, _R32_B), (range(3, 5), _R32_C),
+                           (5, [13, 14, 15]), (6, [14, 15])),
+    ("resnet32", 16): _rows((range(1, 3), _R32_A), (3, _R32_B), (4, _R32_A), (5, _R32_B),
+                            (range(6, 11), _R32_C), (11, [12, 13, 15]), (12, [13, 14, 15]),
+                            (13, [14, 15]), (14, [15])),
+    ("resnet110", 32): _rows((range(0, 11), _R110_A), (range(11, 21), _R110_B), (21, _R110_C),
+                             (range(22, 26), [45, 54]), (range(26, 28), [51, 54]),
+                             (28, [52, 54]), (29, [53, 54]), (30, [54])),
+    ("resnet110", 55): _rows((range(1, 19), _R110_A), (range(19, 36), _R110_B), (36, _R110_C),
+                             (range(37, 44), [45, 54]), (range(44, 48), [51, 54]),
+                             (range(48, 50), [52, 54]), (range(50, 53), [53, 54]),
+                             (53, [54])),
+}
+
+
+def public_leaps(net: SplitNetwork) -> dict[int, list[int]]:
+    """`PUBLIC_LEAPS` for ``net``: CIFAR ResNet-32 at K=8 or 16 and ResNet-110 at K=32 or 55,
+    split as the public code splits them. Anything else is a `UserError` naming these. The
+    public ImageNet tables are refused on purpose: they name one representative block per
+    stage, often the module's own or an earlier one, as a shape template for freshly random
+    blocks; a leap-augmented module here copies real later blocks, weights included, and
+    tracks the same blocks with its EMA twins, so those tables have no meaning here."""
+    supported = ", ".join(f"{m} K={k}" for m, k in PUBLIC_LEAPS)
+    key = (net.model_name, net.k)
+    if key not in PUBLIC_LEAPS:
+        raise UserError(f"leaps=public: the public code has no leap table for model "
+                        f"{net.model_name or '(unnamed)'!r} at K={net.k}; it has {supported} "
+                        "(CIFAR only: its ImageNet tables are shape templates, see "
+                        "docs/mlaan.md)")
+    from localearn.models.cifar_resnet import PUBLIC_SPLITS
+
+    if list(net.cuts) != list(PUBLIC_SPLITS[len(net.units)][net.k]):
+        raise UserError(f"leaps=public for {net.model_name} K={net.k} is defined on the public "
+                        f"code's split; split the network with --split public (it was split "
+                        f"{net.split!r})")
+    return {m: list(units) for m, units in PUBLIC_LEAPS[key].items()}
+
+
 def parse_leaps(text: str) -> dict[int, list[int]]:
     """An explicit leap table, ``"0:6,11,13,15; 1:6,11,13,15"`` (module: unit indices)."""
     table: dict[int, list[int]] = {}
@@ -100,7 +173,8 @@ class MLAAN(UpdateRule):
 
     def __init__(self, base: HeadFactory, k: int = 3, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
-                 leaps: str | None = None, fuse: bool = True, recompute: bool = False) -> None:
+                 leaps: str | None = None, fuse: bool = True, recompute: bool = False,
+                 short_cascades: bool = False) -> None:
         if not isinstance(base, HeadFactory):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
@@ -112,9 +186,17 @@ class MLAAN(UpdateRule):
             raise ValueError(f"ema must lie in [0, 1] (got {ema})")
         self.base, self.k, self.wx, self.wy = base, k, wx, wy
         self.ema, self.p, self.ema_blocks, self.fuse = ema, p, ema_blocks, fuse
-        self.recompute = recompute
-        self.leap_table = parse_leaps(leaps) if leaps else {}
+        self.recompute, self.short_cascades = recompute, short_cascades
+        self.public_leaps = bool(leaps) and leaps.strip().lower() == "public"
+        self.leap_table = parse_leaps(leaps) if leaps and not self.public_leaps else {}
+        self.cascades: list[int] = []  # the module that ends each cascade, set by `setup`
         self.trace: list[str] = []  # names of the loss being back-propagated (for tests)
+
+    def cascade_ends(self, num_modules: int) -> list[int]:
+        """The modules that end a cascade (and so have a cascade head and a LAM): k-1..K-2 as
+        the paper defines cascades; 0..K-2 with ``short_cascades``."""
+        first = 0 if self.short_cascades else self.k - 1
+        return list(range(first, num_modules - 1))
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
         if isinstance(self.base, UpdateRule):
@@ -128,12 +210,17 @@ class MLAAN(UpdateRule):
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         K = net.k
         self.base.configure(net)  # again, for a network not made by build_network
+        self.cascades = self.cascade_ends(K)
+        self._position = {i: c for c, i in enumerate(self.cascades)}
+        table = self._leap_table(net)
         self.blocks: list[list[int]] = []
-        heads, cascade_heads, copies = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        heads = nn.ModuleList(self.base.make_head(i, K, net.feature_shapes[i], info)
+                              for i in range(K - 1))
+        cascade_heads, copies = nn.ModuleList(), nn.ModuleList()
         twins = nn.ModuleDict()
-        for i in range(K - 1):
+        for i in self.cascades:
             last = net.unit_ranges[i][-1]
-            blocks = self.leap_table.get(i) if self.leap_table else None
+            blocks = table.get(i)
             if blocks is None:
                 blocks = leap_blocks(net.unit_shapes, last, self.p)
             self._check_chain(net, i, last, blocks)
@@ -144,13 +231,29 @@ class MLAAN(UpdateRule):
                     twin = copy.deepcopy(net.units[b]).requires_grad_(False)
                     twins[str(b)] = twin
             shape = net.unit_shapes[blocks[-1]] if blocks else net.feature_shapes[i]
-            heads.append(self.base.make_head(i, K, net.feature_shapes[i], info))
             cascade_heads.append(self.base.make_head(i, K, shape, info))
         self.heads, self.cascade_heads = heads, cascade_heads
         self.copies, self.twins = copies, twins
         self.units = net.units
         return nn.ModuleDict({"heads": heads, "cascade_heads": cascade_heads, "copies": copies,
                               "twins": twins})
+
+    def _leap_table(self, net: SplitNetwork) -> dict[int, list[int]]:
+        """The explicit leap table for ``net`` (empty: the policy everywhere); ``public``'s
+        rows for modules that end no cascade here are dropped, a user's are an error."""
+        if self.public_leaps:
+            return {i: units for i, units in public_leaps(net).items() if i in self._position}
+        for i in self.leap_table:
+            if not 0 <= i < net.k - 1:
+                raise UserError(f"leap table names module {i}, but K={net.k} has modules "
+                                f"0..{net.k - 1} and the last one has no LAM")
+            if i not in self._position:
+                where = (f"modules {self.cascades[0]}..{self.cascades[-1]}" if self.cascades
+                         else "no module")
+                raise UserError(f"leap table names module {i}, which ends no cascade: with "
+                                f"k={self.k} and K={net.k} cascades end at {where} (add "
+                                "short_cascades=true for a cascade at every module)")
+        return self.leap_table
 
     def _check_chain(self, net: SplitNetwork, i: int, last: int, blocks: list[int]) -> None:
         shape = net.unit_shapes[last]
@@ -173,8 +276,10 @@ class MLAAN(UpdateRule):
 
     # -- the leap-augmented module --------------------------------------------------------
     def lam_forward(self, i: int, z: Tensor) -> Tensor:
-        """LAM_i: the trained copies in order, the twins' outputs added where they exist."""
-        for j, (b, block) in enumerate(zip(self.blocks[i], self.copies[i])):
+        """LAM_i (``i`` a module that ends a cascade): the trained copies in order, the twins'
+        outputs added where they exist."""
+        c = self._position[i]
+        for j, (b, block) in enumerate(zip(self.blocks[c], self.copies[c])):
             twin = self.twins[str(b)] if j == 0 or self.ema_blocks == "all" else None
             if self.recompute and torch.is_grad_enabled():
                 # keep only each block's input; its activations are rebuilt in the backward
@@ -229,12 +334,18 @@ class MLAAN(UpdateRule):
                     self._backward_module(net, f"independent {i}", i, pending[i], False, False,
                                           ins, outs)
                     pending[i] = None
+                c = self._position.get(i)
+                if c is None:  # ends no cascade: the independent loss alone, module i waits
+                    ctx.grads_ready(list(self.heads[i].parameters()))
+                    local.append((self.wx * indep).detach())
+                    x = o.detach()
+                    continue
                 leaf = o.detach().requires_grad_()
-                cascade = self.cascade_heads[i].loss(self.lam_forward(i, leaf), targets, images)
+                cascade = self.cascade_heads[c].loss(self.lam_forward(i, leaf), targets, images)
                 grad = self._head_grad(f"cascade {i}", self.wy * cascade, leaf)
                 ctx.grads_ready([*self.heads[i].parameters(),
-                                         *self.cascade_heads[i].parameters(),
-                                         *self.copies[i].parameters()])
+                                 *self.cascade_heads[c].parameters(),
+                                 *self.copies[c].parameters()])
                 local.append((self.wx * indep + self.wy * cascade).detach())
                 self._route(net, f"cascade {i}", i, grad, ins, outs, pending)
             else:
@@ -296,8 +407,9 @@ class MLM(MLAAN):
     description = "MLAAN ablation: cascades of depth k only, no leap-augmented modules"
 
     def __init__(self, base: HeadFactory, k: int = 3, wx: float = 0.001,
-                 wy: float = 0.999, recompute: bool = False) -> None:
-        super().__init__(base, k=k, wx=wx, wy=wy, p=0, recompute=recompute)
+                 wy: float = 0.999, recompute: bool = False, short_cascades: bool = False) -> None:
+        super().__init__(base, k=k, wx=wx, wy=wy, p=0, recompute=recompute,
+                         short_cascades=short_cascades)
 
 
 class LAM(MLAAN):

@@ -19,7 +19,6 @@ class ProbeHead(AuxHead):
 class Probe(LocalRule):
     """Greedy supervised learning: a linear probe on every module."""
 
-    name = "probe"
     description = "greedy local learning with a linear probe per module (third-party example)"
 
     def make_head(self, index: int, num_modules: int, shape: tuple[int, ...],

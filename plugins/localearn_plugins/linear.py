@@ -1,0 +1,40 @@
+"""Linear heads: global average pooling and one linear layer per module.
+
+This is the head of the public MLAAN code's CIFAR model (its ``auxMLAAN.py``): the code that
+trains "MLAAN" alone builds it for the independent and the cascade heads alike, so
+``mlaan(linear, k=2)`` is that model (the standalone "MLAAN" row of the paper's Table I).
+Alone, ``linear`` is greedy local learning with a linear probe on every module (InfoPro's
+"greedy SL" head, ``0c1f``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape
+
+
+class LinearHead(AuxHead):
+    """Global average pooling, then ``Linear(C, classes)`` with bias; cross-entropy.
+    Parameters: (C + 1) * classes, i.e. 170 / 330 / 650 at C = 16 / 32 / 64 for 10 classes."""
+
+    def __init__(self, shape: Shape, info: DataInfo) -> None:
+        super().__init__(shape, info)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(shape[0], info.num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.classifier(self.pool(features))
+
+    def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(self(features), targets)
+
+
+class Linear(LocalRule):
+    """Greedy local learning with a linear head (pooling + one linear layer) per module."""
+
+    description = ("a linear head (global pooling + one linear layer) per module; "
+                   "mlaan(linear, k=2) is the public MLAAN code's CIFAR model")
+
+    def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        return LinearHead(shape, info)
