@@ -107,7 +107,7 @@ class LocalModuleSplitter(ABC):
             raise UserError(f"K={k} is out of range for this model: valid K is 1..{len(units)} "
                             f"({len(units)} units, the stem counted)")
         return SplitNetwork(units, self.classifier(backbone), self.cuts(len(units), k, policy),
-                            input_shape, model_name=model_name, split=policy)
+                            input_shape, model_name=model_name, split=policy, backbone=backbone)
 
 
 def parse_cut_list(policy: str, num_units: int) -> list[int] | None:

@@ -40,9 +40,11 @@ class SplitNetwork(nn.Module):
         *,
         model_name: str = "",
         split: str = "even",
+        backbone: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model_name, self.split, self.cuts = model_name, split, list(cuts)
+        self._backbone = (backbone,)  # a tuple: its modules are this network's, counted once
         bounds = [0, *cuts, len(units)]
         self.unit_ranges = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         groups: list[nn.Module] = []
@@ -56,6 +58,12 @@ class SplitNetwork(nn.Module):
         self.input_shape = input_shape
         self.unit_shapes = self._trace_shapes(input_shape)
         self.feature_shapes = [self.unit_shapes[r[-1]] for r in self.unit_ranges[:-1]]
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The unsplit backbone (its modules are this network's own), when the splitter kept
+        it: its ``state_dict`` has the plain model's parameter names."""
+        return self._backbone[0]
 
     @property
     def k(self) -> int:

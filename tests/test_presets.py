@@ -1,47 +1,102 @@
-"""The paper presets in examples/configs load, validate and hold the paper's settings."""
+"""The paper presets in examples/configs: one per table row, each a valid config whose rule
+builds on its model and K, with the paper's settings."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from localearn import expr
 from localearn.config import make_config
+from localearn.interfaces import DataInfo
+from localearn.measure import RunSpec
+from localearn.network import build_network
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 UNITS = {"resnet32": 16, "resnet110": 55, "resnet34": 17, "resnet101": 34, "resnet152": 51}
-# dataset -> (batch size, lr) from the paper's section IV-B
-TABLE1 = {"cifar10": (1024, 0.8), "svhn": (1024, 0.8), "stl10": (128, 0.1)}
-METHODS = {"bp": "bp", "dgl": "dgl", "dgl-mlaan": "mlaan(dgl)", "infopro": "infopro",
-           "infopro-mlaan": "mlaan(infopro)"}
+# dataset -> (batch size, lr, image size) from the paper's section IV-B
+TABLE1 = {"cifar10": (1024, 0.8, 32), "svhn": (1024, 0.8, 32), "stl10": (128, 0.1, 96)}
+METHODS = {
+    "bp": "bp", "dgl": "dgl", "dgl-mlaan": "mlaan(dgl, leaps=public)", "infopro": "infopro",
+    "infopro-mlaan": "mlaan(infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0), "
+                     "leaps=public)",
+    "mlaan": "mlaan(linear, k=2, leaps=public)",
+}
+TABLE4 = {"dgl": "dgl", "mlm-dgl": "mlm(dgl)", "lam-dgl": "lam(dgl, leaps=public)",
+          "mlaan-dgl": "mlaan(dgl, leaps=public)"}
+ALL = sorted(CONFIGS.rglob("*.toml"))
+# building the auxiliary networks of MLAAN on ResNet-101/152 takes gigabytes (deep copies of
+# bottleneck blocks in every LAM): for those the network and the rule are built, not the aux
+HEAVY = {"resnet101", "resnet152"}
 
 
 def presets(table: str) -> list[Path]:
     return sorted((CONFIGS / table).rglob("*.toml"))
 
 
+def name(path: Path) -> str:
+    return path.relative_to(CONFIGS).as_posix()
+
+
 def test_every_row_has_a_preset():
-    names = {p.relative_to(CONFIGS / "table1").as_posix() for p in presets("table1")}
-    assert names == {f"{d}/{m}-{model}.toml" for d in TABLE1 for m in METHODS
-                     for model in ("resnet32", "resnet110")}
-    names = {p.name for p in presets("table2")}
-    assert names == {f"{model}-{m}.toml" for model in ("resnet34", "resnet101", "resnet152")
-                     for m in ("bp", "mlaan")}
+    assert {name(p) for p in presets("table1")} == {
+        f"table1/{d}/{m}-{model}.toml" for d in TABLE1 for m in METHODS
+        for model in ("resnet32", "resnet110")}
+    assert {p.name for p in presets("table2")} == {
+        f"{model}-{m}.toml" for model in ("resnet34", "resnet101", "resnet152")
+        for m in ("bp", "mlaan")}
+    assert {p.name for p in presets("table3")} == {
+        f"{data}-{model}-{m}.toml" for data, model in [
+            ("cifar10", "resnet32"), ("cifar10", "resnet110"), ("imagenet", "resnet34"),
+            ("imagenet", "resnet101"), ("imagenet", "resnet152")] for m in ("bp", "mlaan")}
+    assert {p.stem for p in presets("table4")} == set(TABLE4)
 
 
-@pytest.mark.parametrize("path", presets("table1"), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def spec(path: Path) -> tuple[str, str, int | None, str, DataInfo]:
+    """(rule, model, K, split, DataInfo) of a preset, validated as the command that reads it
+    would validate it: `localearn memory` settings for Table III, `fit` configs otherwise."""
+    data = tomllib.loads(path.read_text())
+    if "memory" in data:
+        run = RunSpec.model_validate(data["memory"])
+        return run.rule, run.model, run.k, run.split, run.info
+    cfg = make_config(path)
+    size = {"imagenet-shards": 224, "stl10": 96}.get(cfg.dataset, 32)
+    classes = 1000 if cfg.dataset == "imagenet-shards" else 10
+    half = (0.5,) * 3
+    return cfg.rule, cfg.model, cfg.k, cfg.split, DataInfo(classes, (3, size, size), half, half)
+
+
+@pytest.mark.parametrize("path", ALL, ids=name)
+def test_every_preset_is_valid_and_its_rule_builds(path):
+    rule_text, model, k, split, info = spec(path)
+    if path.parent != CONFIGS:  # a paper preset: which cell, and what is inferred
+        header = path.read_text().splitlines()[:2]
+        assert header[0].startswith("# Paper Table") and "Reproduces" in header[1]
+        assert "Inferred" in path.read_text()
+    torch.manual_seed(0)
+    rule = expr.build(rule_text)
+    net = build_network(model, k, rule, info.num_classes, info.input_shape, split)
+    assert net.k == (1 if rule_text == "bp" else UNITS[model])
+    if model not in HEAVY:
+        aux = rule.setup(net, info)
+        if rule_text.startswith(("mlaan", "lam")):
+            assert len(aux["copies"]) > 0 and len(aux["twins"]) > 0
+
+
+@pytest.mark.parametrize("path", presets("table1"), ids=name)
 def test_table1_presets(path):
     cfg = make_config(path)
     method, model = path.stem.rsplit("-", 1)
     assert (cfg.model, cfg.rule) == (model, METHODS[method])
     assert cfg.k == (None if method == "bp" else UNITS[model])
+    assert cfg.split == ("public" if model == "resnet110" and method != "bp" else "even")
     dataset = path.parent.name
-    assert cfg.dataset == dataset and (cfg.batch_size, cfg.lr) == TABLE1[dataset]
+    assert cfg.dataset == dataset and (cfg.batch_size, cfg.lr) == TABLE1[dataset][:2]
     assert (cfg.epochs, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (400, 0.9, True, 1e-4)
     assert (cfg.warmup_epochs, cfg.warmup_lr) == (10, 0.01)
-    rule = expr.build(cfg.rule)  # every rule the presets name is registered and valid
-    assert rule.num_modules(cfg.k, UNITS[model]) == (1 if method == "bp" else UNITS[model])
 
 
 @pytest.mark.parametrize("path", presets("table2"), ids=lambda p: p.stem)
@@ -49,12 +104,42 @@ def test_table2_presets(path):
     cfg = make_config(path)
     model, method = path.stem.split("-")
     assert cfg.model == model and cfg.dataset == "imagenet-shards"
+    assert cfg.rule == ("bp" if method == "bp" else "mlaan(linear)")
     assert cfg.k == (None if method == "bp" else UNITS[model])
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.warmup_epochs) == (150, 128, 0.05, 0)
-    expr.build(cfg.rule)
+
+
+@pytest.mark.parametrize("path", presets("table3"), ids=lambda p: p.stem)
+def test_table3_presets(path):
+    run = RunSpec.model_validate(tomllib.loads(path.read_text())["memory"])
+    data, model, method = path.stem.split("-")
+    assert run.model == model and run.k == (None if method == "bp" else UNITS[model])
+    cifar = data == "cifar10"
+    assert (run.batch_size, run.input_size, run.num_classes, run.precision) == \
+        ((1024, 32, 10, "32") if cifar else (128, 224, 1000, "32"))
+    want = "bp" if method == "bp" else (
+        "mlaan(dgl, leaps=public)" if cifar else "mlaan(linear)")
+    assert run.rule == want
+
+
+@pytest.mark.parametrize("path", presets("table4"), ids=lambda p: p.stem)
+def test_table4_presets(path):
+    cfg = make_config(path)
+    assert (cfg.rule, cfg.model, cfg.k, cfg.dataset) == \
+        (TABLE4[path.stem], "resnet32", 16, "cifar10")
+    same = make_config(CONFIGS / "table1" / "cifar10" / "dgl-resnet32.toml")
+    for field in ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                  "warmup_epochs", "warmup_lr"):
+        assert getattr(cfg, field) == getattr(same, field)
 
 
 def test_flags_override_a_preset(tmp_path):
     cfg = make_config(CONFIGS / "table1" / "cifar10" / "dgl-resnet32.toml", k=8, epochs=20,
                       dataset="cifar10-shards")
     assert (cfg.k, cfg.epochs, cfg.dataset, cfg.lr) == (8, 20, "cifar10-shards", 0.8)
+    # the K=32 column of a ResNet-110 row: the public split has cut points for it
+    cfg = make_config(CONFIGS / "table1" / "svhn" / "mlaan-resnet110.toml", k=32)
+    rule = expr.build(cfg.rule)
+    net = build_network(cfg.model, cfg.k, rule, 10, (3, 32, 32), cfg.split)
+    rule.setup(net, DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.5,) * 3))
+    assert net.k == 32 and rule.cascades == list(range(1, 31))

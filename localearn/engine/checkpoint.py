@@ -269,11 +269,13 @@ def check_state(module: nn.Module, state: dict[str, Any], what: str, path: Path)
 def export_safetensors(path: Path, out: Path | None = None) -> Path:
     """Write the backbone weights of a checkpoint (a file or a run folder: its final
     ``checkpoint.pt`` or newest step checkpoint) to safetensors, under the plain backbone's
-    parameter names, so ``registry model(num_classes=...)`` loads them for inference."""
+    parameter names, so ``registry model(num_classes=...)`` loads them for inference. The
+    network is built by `localearn.build.build_run`, as for training."""
     from safetensors.torch import save_file
 
-    from localearn import registry
-    from localearn.network import find_splitter
+    from localearn.build import build_run
+    from localearn.config import FitConfig
+    from localearn.interfaces import DataInfo
 
     path = Path(path)
     if path.is_dir():
@@ -286,14 +288,17 @@ def export_safetensors(path: Path, out: Path | None = None) -> Path:
     if num_classes is None or input_shape is None:
         raise UserError(f"checkpoint {path} lacks num_classes/input_shape; it cannot be "
                         "exported")
-    backbone = registry.load("model", cfg["model"])(num_classes=num_classes)
-    splitter = find_splitter(backbone, cfg["model"])
-    k = ckpt["model_k"]
-    # the split network shares its modules with the backbone: loading one fills the other
-    net = splitter.split(backbone, k, tuple(input_shape), policy=cfg.get("split", "even"))
+    saved = ckpt.get("data_info", {})
+    info = DataInfo(num_classes, tuple(input_shape), tuple(saved.get("mean", ())),
+                    tuple(saved.get("std", ())), tuple(saved.get("class_names", ())))
+    settings = {k: v for k, v in cfg.items() if k in FitConfig.model_fields}
+    run = build_run(FitConfig.model_validate({
+        **settings, "device": "cpu", "compile": False, "sync_bn": False, "nproc": 1,
+        "data_dir": None, "resume": None, "seeds": None}), info=info)
+    net = run.net
     check_state(net, ckpt["model"], "model", path)
     net.load_state_dict(ckpt["model"])
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
     out = Path(out) if out is not None else path.with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"model": cfg["model"],
