@@ -13,10 +13,10 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from localearn import expr
-from localearn.interfaces import DataInfo, PlainContext
+from localearn.build import build_run
+from localearn.config import make_config
+from localearn.interfaces import DataInfo
 from localearn.measure import cpu_memory_events
-from localearn.network import build_network
 
 
 def labelled(fn: Callable, label: Callable[..., str]) -> Callable:
@@ -33,24 +33,18 @@ def main() -> None:
     p.add_argument("k", type=int)
     p.add_argument("batch", type=int)
     args = p.parse_args()
-    torch.manual_seed(0)
     info = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
-    rule = expr.build(args.rule)
-    net = build_network(args.model, args.k, rule, 10, info.input_shape)
-    aux = rule.setup(net, info)
-    opt = torch.optim.SGD([q for q in [*net.parameters(), *aux.parameters()] if q.requires_grad],
-                          lr=0.01, momentum=0.9)
+    run = build_run(make_config(rule=args.rule, model=args.model, k=args.k, device="cpu"),
+                    info=info)
+    rule = run.rule
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     rule._head_grad = labelled(rule._head_grad, lambda name, *_: f"head backward, {name}")
     rule._backward_module = labelled(rule._backward_module,
                                      lambda _net, name, j, *_: f"{name} through module {j}")
     rule.lam_forward = labelled(rule.lam_forward, lambda i, _z: f"LAM {i} forward")
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        rule.train_step(PlainContext(), net, x, y)
-        opt.step()
-        rule.after_step()
+    def step() -> None:  # the engine's step: zero_grad, train_step, optimizer step, EMA
+        run.step(x, y)
 
     step()  # optimizer state exists before the profiled step, as in every later step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from localearn import expr
+from localearn.build import build_run
 from localearn.config import make_config
 from localearn.engine import fit
 from localearn.interfaces import DataInfo, PlainContext
-from localearn.network import build_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from mlaan_reference import naive_step  # noqa: E402  (the oracle the tests use)
@@ -50,13 +50,12 @@ def step_times(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     images = torch.randn(args.bench_batch, 3, 32, 32)
     targets = torch.randint(0, 10, (args.bench_batch,))
-    rule = expr.build("mlaan(dgl)")
-    net = build_network("resnet32", 16, rule, 10, INFO.input_shape)
-    aux = rule.setup(net, INFO)
+    run = build_run(make_config(rule="mlaan(dgl)", k=16, device="cpu"), info=INFO)
+    rule, net, aux = run.rule, run.net, run.aux
     lean = expr.build("mlaan(dgl, recompute=true)")  # same network, its own aux copies
     lean_aux = lean.setup(net, INFO)
-    bp = expr.build("bp")
-    bp_net = build_network("resnet32", None, bp, 10, INFO.input_shape)
+    bp_run = build_run(make_config(rule="bp", device="cpu"), info=INFO)
+    bp, bp_net = bp_run.rule, bp_run.net
     runs = {
         "mlaan(dgl) single-forward": lambda: rule.train_step(PlainContext(), net, images, targets),
         "mlaan(dgl) naive reference": lambda: naive_step(rule, net, images, targets),

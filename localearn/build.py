@@ -9,6 +9,7 @@ trainable parameters, and the `TrainStep` that owns precision, scaling and reduc
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -61,9 +62,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: FitConfig) -> DataSplits:
+    """The dataset of ``cfg``, its `DataInfo` carrying the registered name."""
     factory = registry.load("dataset", cfg.dataset)
-    return factory(cfg.data_dir, download=cfg.download, train_limit=cfg.train_limit,
+    data = factory(cfg.data_dir, download=cfg.download, train_limit=cfg.train_limit,
                    test_limit=cfg.test_limit, seed=cfg.seed)
+    if not data.info.name:
+        data.info = dataclasses.replace(data.info, name=cfg.dataset)
+    return data
 
 
 def unique_trainable(modules: list[nn.Module]) -> list[nn.Parameter]:

@@ -24,8 +24,10 @@ class FitConfig(BaseModel):
     model: str = Field("resnet32", description="registered model (see: localearn models)")
     k: int | None = Field(None, ge=1, description="number of local modules K, the stem counted "
                                                   "as a unit (default: the rule's)")
-    split: str = Field("even", description="how units are grouped into K modules: even, or "
-                                           "balanced (InfoPro*'s memory-balanced split)")
+    split: str = Field("even", description="how units are grouped into K modules: even; "
+                       "balanced (InfoPro*'s memory-balanced split); public (the public "
+                       "MLAAN/InfoPro code's cuts); cuts:3,5,8 (unit indices where modules "
+                       "1.. start)")
     dataset: str = Field("digits", description="registered dataset (see: localearn datasets)")
     data_dir: Path | None = Field(None, description="where the dataset's files are")
     download: bool = Field(False, description="let torchvision download the dataset")

@@ -28,13 +28,15 @@ from localearn.network import Shape, SplitNetwork
 @dataclass(frozen=True)
 class DataInfo:
     """What a head needs to know about the data: classes, input shape (C, H, W), normalisation,
-    and the class names in label order (empty when the dataset has none)."""
+    the class names in label order (empty when the dataset has none) and the dataset's
+    registered name (rules may key per-dataset defaults on it)."""
 
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...] = ()
+    name: str = ""  # the registered dataset name, "" when unknown (synthetic batches)
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Undo the input normalisation: the image as it was, in [0, 1]."""
@@ -74,8 +76,9 @@ class LocalModuleSplitter(ABC):
         explicit = parse_cut_list(policy, num_units)
         if explicit is not None:
             if len(explicit) + 1 != k:
-                raise UserError(f"split {policy!r} makes {len(explicit) + 1} modules but K={k} "
-                                f"was asked; give K={len(explicit) + 1} or leave K out")
+                n = len(explicit) + 1
+                raise UserError(f"split {policy!r} makes {n} modules, not K={k}; give K={n} "
+                                f"(--k {n})")
             return explicit
         if policy != "even":
             raise UserError(f"unknown split policy {policy!r} for {type(self).__name__}; "

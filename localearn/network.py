@@ -107,6 +107,8 @@ def build_network(model: str, k: int | None, rule: UpdateRule, num_classes: int,
     backbone = registry.load("model", model)(num_classes=num_classes)
     splitter = find_splitter(backbone, model)
     num_units = len(splitter.units(backbone))
+    if k is None:  # a split that fixes K by itself (an explicit cut list) decides it
+        k = splitter.implied_k(split, num_units)
     k = rule.num_modules(k, num_units)
     if not 1 <= k <= num_units:
         raise UserError(f"K={k} is out of range for model {model!r}: valid K is 1..{num_units}")

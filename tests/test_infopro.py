@@ -99,7 +99,8 @@ def test_mlaan_over_infopro_takes_the_infopro_star_defaults():
     # network first, so a ResNet-110 cut at InfoPro*'s published points gets InfoPro*'s table
     # (5, 5, 0, 0.1 at K=3), not the even split's (5, 5, 0.5, 0.5 at the nearest K=2).
     alone, _, alone_heads = setup_rule("infopro", "resnet110", 3, "balanced")
-    rule, net, aux = setup_rule("mlaan(infopro, p=1)", "resnet110", 3, "balanced")
+    rule, net, aux = setup_rule("mlaan(infopro, p=1, short_cascades=true)", "resnet110", 3,
+                                "balanced")
     assert rule.base.model == alone.model == "resnet110*"
     for heads in (aux["heads"], aux["cascade_heads"]):
         assert [(h.ixx, h.ixy) for h in heads] == [(5.0, 0.0), (5.0, 0.1)]

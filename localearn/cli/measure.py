@@ -11,7 +11,9 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--rule", default="dgl", help="rule expression (default: dgl)")
     p.add_argument("--model", default="resnet32", help="registered model (default: resnet32)")
     p.add_argument("--k", type=int, help="number of local modules K (default: the rule's)")
-    p.add_argument("--split", default="even", help="how units are grouped into modules")
+    p.add_argument("--split", default="even",
+                   help="how units are grouped into modules: even, balanced, public or "
+                        "cuts:3,5,8 (as in fit)")
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"images per step (default: {batch_size})")
     p.add_argument("--input-size", type=int, default=32,

@@ -96,12 +96,12 @@ class PublicDGLHead(AuxHead):
 class DGL(LocalRule):
     """Decoupled Greedy Learning: a DGL head and cross-entropy on every module.
 
-    Options: ``style`` dgl|public (the head, see the module docstring); ``width`` and
-    ``max_width`` scale and cap `DGLHead`'s widths (``style=dgl`` only)."""
+    Options: ``width`` and ``max_width`` scale and cap `DGLHead`'s widths (``style=dgl``
+    only); ``style`` dgl|public, the head (see the module docstring)."""
 
     description = "Decoupled Greedy Learning: a conv+MLP classifier head per module (ICML 2020)"
 
-    def __init__(self, style: Style = "dgl", width: float = 1.0, max_width: int = 128) -> None:
+    def __init__(self, width: float = 1.0, max_width: int = 128, style: Style = "dgl") -> None:
         super().__init__()
         if width <= 0 or max_width < 1:
             raise ValueError(f"width must be positive and max_width at least 1 (got {width}, "

@@ -138,14 +138,16 @@ def public_leaps(net: SplitNetwork) -> dict[int, list[int]]:
 
 
 def parse_leaps(text: str) -> dict[int, list[int]]:
-    """An explicit leap table, ``"0:6,11,13,15; 1:6,11,13,15"`` (module: unit indices)."""
+    """An explicit leap table, ``"2:6,11,13,15; 3:6,11,15"`` (module: unit indices); whether
+    its modules and units fit the network is checked by `MLAAN.setup`."""
     table: dict[int, list[int]] = {}
     try:
         for entry in filter(None, (e.strip() for e in text.split(";"))):
             module, units = entry.split(":")
             table[int(module)] = [int(u) for u in units.split(",") if u.strip()]
     except ValueError:
-        raise ValueError(f"leaps must read like '0:6,11,15; 1:7,11,15' (got {text!r})") from None
+        raise ValueError(f"leaps must read like '2:6,11,15; 3:6,11' or be public (got "
+                         f"{text!r})") from None
     return table
 
 
