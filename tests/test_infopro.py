@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from localearn import expr
+from localearn.build import build_run
 from localearn.config import make_config
 from localearn.engine import fit
 from localearn.errors import UserError
@@ -31,10 +32,9 @@ UNITS = {"resnet32": 16, "resnet110": 55}
 
 
 def setup_rule(text: str, model: str = "resnet32", k: int = 16, split: str = "even"):
-    rule = expr.build(text)
-    net = build_network(model, k, rule, 10, INFO.input_shape, split)
-    heads = rule.setup(net, INFO)
-    return rule, net, heads
+    run = build_run(make_config(rule=text, model=model, k=k, split=split, device="cpu"),
+                    info=INFO)
+    return run.rule, run.net, run.aux
 
 
 # ---------------------------------------------------------------- ramps and defaults
@@ -359,9 +359,11 @@ def test_infopro_k16_learns_digits(tmp_path):
 
 @pytest.mark.slow
 def test_infopro_k16_learns_cifar10_shards(tmp_path, cifar_shards):
+    # 5,000 train images, 2 epochs: 29.0% and 28.8% measured with seeds 0 and 1 (10,000 x 3
+    # epochs gave 40.8% at three times the cost); chance is 10%, the bar 20%
     cfg = make_config(rule="infopro", model="resnet32", k=16, dataset="cifar10-shards",
-                      data_dir=cifar_shards, train_limit=10000, test_limit=1000, epochs=3,
+                      data_dir=cifar_shards, train_limit=5000, test_limit=1000, epochs=2,
                       batch_size=128, lr=0.1, progress=False, output_dir=tmp_path,
-                      device="cpu", channels_last=True)  # 40.8% measured; the bar is 20%
+                      device="cpu", channels_last=True)
     result = fit(cfg)
     assert result.test_acc > 0.20

@@ -4,19 +4,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from localearn import expr
+from localearn.build import build_run
+from localearn.config import make_config
 from localearn.interfaces import DataInfo
-from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
 UNITS = {"resnet32": 16, "resnet110": 55}
 
 
 def loss_gradients(rule_text: str, model: str, k: int, j: int):
-    torch.manual_seed(j)
-    rule = expr.build(rule_text)
-    net = build_network(model, k, rule, 10, INFO.input_shape)
-    heads = rule.setup(net, INFO)
+    run = build_run(make_config(rule=rule_text, model=model, k=k, seed=j, device="cpu"),
+                    info=INFO)
+    rule, net, heads = run.rule, run.net, run.aux
     images, targets = torch.randn(4, 3, 32, 32), torch.arange(4) % 10
     losses = rule.losses(net, images, targets)
     for _ in range(j):

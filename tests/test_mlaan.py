@@ -10,22 +10,20 @@ from mlaan_reference import naive_step
 from torch import nn
 
 from localearn import expr
+from localearn.build import build_run
 from localearn.config import make_config
 from localearn.engine import fit
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, PlainContext
-from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
 UNITS = {"resnet32": 16, "resnet110": 55}
 
 
 def build(rule_text: str, model: str, K: int, seed: int = 0):
-    torch.manual_seed(seed)
-    rule = expr.build(rule_text)
-    net = build_network(model, K, rule, 10, INFO.input_shape)
-    aux = rule.setup(net, INFO)
-    return rule, net, aux
+    run = build_run(make_config(rule=rule_text, model=model, k=K, seed=seed, device="cpu"),
+                    info=INFO)
+    return run.rule, run.net, run.aux
 
 
 def grads(*modules):
@@ -185,11 +183,13 @@ def test_options_and_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule,K", [("mlaan(dgl)", 8), ("mlm(dgl)", 16), ("lam(dgl)", 8)])
-def test_trains_on_digits_above_90_percent(rule, K, tmp_path):
-    # ResNet-32, 4 epochs of the embedded digits set, batch 64 (K=8 where LAMs make K=16 slow on
-    # 2 CPU cores; mlaan(dgl) at K=16 reached 98.0% in 4 epochs when measured by hand).
-    cfg = make_config(rule=rule, k=K, epochs=4, batch_size=64, lr=0.05, progress=False,
+@pytest.mark.parametrize("rule,K,epochs", [("mlaan(dgl)", 8, 3), ("mlm(dgl)", 16, 3),
+                                           ("lam(dgl)", 8, 4)])
+def test_trains_on_digits_above_90_percent(rule, K, epochs, tmp_path):
+    # ResNet-32, the embedded digits set, batch 64 (K=8 where LAMs make K=16 slow on 2 CPU
+    # cores). Measured in 3-epoch runs: mlaan(dgl) 98.0%, mlm(dgl) 94.4%, lam(dgl) 91.1% (too
+    # close to the bar, so lam keeps 4 epochs).
+    cfg = make_config(rule=rule, k=K, epochs=epochs, batch_size=64, lr=0.05, progress=False,
                       output_dir=tmp_path)
     result = fit(cfg)
     assert result.test_acc > 0.90, result.history
