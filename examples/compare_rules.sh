@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 12's comparison: ResNet-32 K=16 (bp: K=1) on the CIFAR-10 shards, one fixed short budget,
+# the same seed, data and schedule for every rule; then a markdown table of the runs.
+#   bash examples/compare_rules.sh [OUT_DIR] [SEEDS]      (defaults: runs/compare, 0)
+# Budget: 3,000 train images, 2 epochs, batch 128, lr 0.1 (cosine, 5% warm-up), 1,000 test
+# images, one thread per run. Extra seeds of a rule: SEEDS=0,1,2 RULES="dgl mlaan(dgl)" ...
+set -euo pipefail
+out=${1:-runs/compare}
+seeds=${2:-0}
+data=${DATA:-../shared/data/cifar10}
+rules=${RULES:-"bp dgl mlaan(dgl) mlaan(dgl,short_cascades=true) mlaan(linear,k=2) mlaan(dgl(style=public)) mlm(dgl) lam(dgl)"}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+for rule in $rules; do
+  slug=$(echo "$rule" | tr -c 'a-z0-9=\n' '_')
+  k=16; [ "$rule" = bp ] && k=1
+  if [ -f "$out/$slug/seeds.json" ]; then echo "done: $rule"; continue; fi
+  localearn fit --rule "$rule" --model resnet32 --k "$k" --dataset cifar10-shards \
+    --data-dir "$data" --train-limit 3000 --test-limit 1000 --epochs 2 --batch-size 128 \
+    --lr 0.1 --channels-last --no-progress --seeds "$seeds" --output-dir "$out/$slug"
+done
+python "$(dirname "$0")/results_table.py" "$out"
