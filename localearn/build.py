@@ -52,20 +52,40 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``name`` names, refused in one line when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here; use "
-                        "--device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but CUDA is not available here; use "
+                            "--device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {name!r} asked for, but this machine has {count} GPU(s): "
+                            f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"device {name!r} asked for, but this PyTorch or machine has no "
+                            "MPS (Apple GPU) support; use --device cpu")
     return device
 
 
 def load_data(cfg: FitConfig) -> DataSplits:
-    """The dataset of ``cfg``, its `DataInfo` carrying the registered name."""
+    """The dataset of ``cfg``, its `DataInfo` carrying the registered name. Its shard lists
+    may run shell commands (``pipe:`` URLs) only with ``cfg.allow_pipe`` (or
+    ``LOCALEARN_ALLOW_PIPE=1``)."""
+    from localearn.data.webdata import pipes_allowed, pipes_from_env
+
     factory = registry.load("dataset", cfg.dataset)
-    data = factory(cfg.data_dir, download=cfg.download, train_limit=cfg.train_limit,
-                   test_limit=cfg.test_limit, seed=cfg.seed)
+    with pipes_allowed(cfg.allow_pipe or pipes_from_env() is True):
+        data = factory(cfg.data_dir, download=cfg.download, train_limit=cfg.train_limit,
+                       test_limit=cfg.test_limit, seed=cfg.seed)
     if not data.info.name:
         data.info = dataclasses.replace(data.info, name=cfg.dataset)
     return data

@@ -6,7 +6,10 @@ Load it from TOML or YAML (`load_config`), override it with command-line flags
 
 from __future__ import annotations
 
+import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,9 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from localearn import registry
 from localearn.errors import UserError
 
+#: the largest float32: a learning rate or weight decay above it overflows in the update
+FLOAT32_MAX = 3.4028234663852886e38
+#: seeds are -2**63..2**63-1 (torch, numpy and the samplers derive their own seeds)
+SEED_MAX = 2**63 - 1
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
 
 class FitConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are refused for every float setting
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rule: str = Field("dgl", description="rule expression, e.g. dgl or 'mlaan(dgl, k=3)'")
     model: str = Field("resnet32", description="registered model (see: localearn models)")
@@ -41,14 +51,18 @@ class FitConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
     warmup_epochs: float | None = Field(
         None, ge=0, description="linear warm-up before the cosine decay (default: 5% of the run)")
-    warmup_lr: float = Field(0.01, ge=0, description="learning rate at the start of the warm-up")
+    warmup_lr: float = Field(0.01, ge=0,
+                             description="learning rate at the start of the warm-up")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    seed: int = Field(0, description="seed of weights, data order and augmentation")
+    seed: int = Field(0, ge=-SEED_MAX - 1, le=SEED_MAX,
+                      description="seed of weights, data order and augmentation")
     seeds: list[int] | None = Field(
         None, description="repeat the run once per seed (e.g. 0,1,2), each in OUTPUT_DIR/seed-N, "
         "and report the mean and spread of the last and best test accuracy")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
     output_dir: Path = Field(Path("runs/latest"), description="where metrics and checkpoints go")
+    overwrite: bool = Field(False, description="let a new run replace the finished (or "
+                                               "unfinished) run in --output-dir")
     progress: bool = Field(True, description="show a progress bar")
     # engine: precision, speed, checkpoints, logs, distribution (docs/engine.md)
     precision: Literal["32", "bf16", "16"] = Field(
@@ -70,6 +84,23 @@ class FitConfig(BaseModel):
     sync_bn: bool = Field(False, description="SyncBatchNorm across ranks (GPUs only)")
     nproc: int = Field(1, ge=1, description="train data-parallel with N processes on this "
                                             "machine (via torchrun)")
+    allow_pipe: bool = Field(False, description="let the data's shard lists run shell commands "
+                                                "(pipe: URLs); only for data you trust")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """``k = true`` is not K=1: a number setting refuses booleans (pydantic would take them)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is None or not isinstance(value, bool):
+                    continue
+                kinds = typing.get_args(field.annotation) if typing.get_origin(
+                    field.annotation) in (typing.Union, types.UnionType) else (field.annotation,)
+                if int in kinds or float in kinds:
+                    raise ValueError(f"{name} must be a number, not a boolean (got {value!r})")
+        return data
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -94,6 +125,17 @@ class FitConfig(BaseModel):
             raise ValueError("seeds must name at least one seed")
         if isinstance(v, list) and len(set(v)) != len(v):
             raise ValueError(f"seeds must differ (got {v})")
+        if isinstance(v, list) and any(isinstance(x, int) and not -SEED_MAX - 1 <= x <= SEED_MAX
+                                       for x in v):
+            raise ValueError(f"seeds must lie in -2**63..2**63-1 (got {v})")
+        return v
+
+    @field_validator("lr", "weight_decay", "warmup_lr")
+    @classmethod
+    def _float32(cls, v: float, info: Any) -> float:
+        if v > FLOAT32_MAX:
+            raise ValueError(f"{info.field_name} must be at most 3.4e38, the largest float32 "
+                             "(the update would overflow)")
         return v
 
     @field_validator("dataset")
@@ -122,8 +164,9 @@ class FitConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
-            raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N, mps")
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N (N a GPU "
+                             "number), mps")
         return v
 
     @model_validator(mode="after")
@@ -138,7 +181,16 @@ def load_config(path: Path) -> dict[str, Any]:
     """Read a TOML or YAML config file into a dict (validated later, with any overrides)."""
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {str(path)!r} is not a text file (byte {exc.start} is not "
+                        "UTF-8); valid: TOML or YAML text") from None
+    except OSError as exc:
+        raise UserError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    if "\x00" in text:
+        raise UserError(f"config file {str(path)!r} holds binary bytes (NUL); valid: TOML or "
+                        "YAML text")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -152,7 +204,15 @@ def load_config(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {str(path)!r} is not valid: {first}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a table of settings")
-    return data.get("fit", data)
+    settings = data.get("fit", data)
+    if not isinstance(settings, dict):
+        raise UserError(f"config file {str(path)!r}: 'fit' must be a table of settings (got "
+                        f"{type(settings).__name__} {settings!r:.40})")
+    if "allow_pipe" in settings:
+        raise UserError(f"config file {str(path)!r} sets allow_pipe: a shared file could switch "
+                        "on shell commands that way, so it is a command-line flag only; remove "
+                        "it and pass --allow-pipe if you trust the data")
+    return dict(settings)
 
 
 def make_config(file: Path | None = None, **overrides: Any) -> FitConfig:

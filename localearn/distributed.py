@@ -17,8 +17,10 @@ running averages are averaged across ranks before evaluation and checkpoints.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -278,11 +280,48 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def torchrun(argv: list[str]) -> int:
+    """torchrun's ``main(argv)``, quiet about a worker that failed: the worker has said why in
+    one line already, so torchrun's own error log and traceback are left out; the exit status
+    is the first failed worker's (128 + N for a signal N)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as run
+
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(argv)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        code = failure.exitcode
+        return code if code > 0 else 128 - code if code < 0 else 1
+    except SignalException as exc:  # SIGTERM/SIGINT: the workers were stopped (and saved)
+        return 128 + int(exc.sigval)
+    return 0
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``localearn ARGV`` as ``nproc`` processes under torchrun on this machine; the exit
     status of the job."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "localearn", *strip_nproc(argv)]
+    cmd = [sys.executable, "-c",
+           "import sys; from localearn.distributed import torchrun; "
+           "sys.exit(torchrun(sys.argv[1:]))",
+           "--standalone", f"--nproc-per-node={nproc}", "-m", "localearn", *strip_nproc(argv)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    # its own session: a signal reaches the workers once, through this process and torchrun
+    # (which stops them with SIGTERM: each finishes its step and the job writes a checkpoint)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -3,12 +3,17 @@
 The text is read with `ast` in eval mode and only names, calls and constants are accepted.
 A positional argument is a nested rule; a keyword argument is an option whose value is a
 number, a string, a boolean or a bare word (read as a string: ``loss=contrast``).
+
+Values are checked strictly against the rule's annotations: an integer option refuses 1e9 or
+true, a number option refuses true, NaN and infinity; an option given twice is an error, and so
+is an expression longer than `MAX_LENGTH` characters.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +22,9 @@ from pydantic import TypeAdapter, ValidationError
 from localearn import registry
 from localearn.errors import UserError
 from localearn.interfaces import UpdateRule
+
+#: the longest rule expression read (a long MLAAN leap table fits many times over)
+MAX_LENGTH = 4096
 
 
 @dataclass
@@ -33,11 +41,15 @@ class RuleExpr:
 def parse(text: str) -> RuleExpr:
     """Parse a rule expression; malformed text is a `UserError`."""
     hint = "expected a rule name or a call such as mlaan(dgl, k=3)"
+    if len(text) > MAX_LENGTH:
+        raise UserError(f"malformed rule expression {text[:40]!r}...: {len(text)} characters, "
+                        f"the longest read is {MAX_LENGTH}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError:
-        raise UserError(f"malformed rule expression {text!r}: {hint}") from None
-    return _rule(tree.body, text, hint)
+        return _rule(tree.body, text, hint)
+    except (SyntaxError, MemoryError, RecursionError, ValueError):
+        # ValueError: a NUL byte; MemoryError/RecursionError: absurd nesting
+        raise UserError(f"malformed rule expression {text[:200]!r}: {hint}") from None
 
 
 def _rule(node: ast.AST, text: str, hint: str) -> RuleExpr:
@@ -49,6 +61,9 @@ def _rule(node: ast.AST, text: str, hint: str) -> RuleExpr:
         for kw in node.keywords:
             if kw.arg is None:
                 raise UserError(f"malformed rule expression {text!r}: ** is not allowed")
+            if kw.arg in kwargs:
+                raise UserError(f"malformed rule expression {text!r}: option {kw.arg!r} is "
+                                "given twice")
             kwargs[kw.arg] = _value(kw.value, text)
         return RuleExpr(node.func.id, args, kwargs)
     raise UserError(f"malformed rule expression {text!r}: {hint}")
@@ -56,15 +71,23 @@ def _rule(node: ast.AST, text: str, hint: str) -> RuleExpr:
 
 def _value(node: ast.AST, text: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)):
-        return node.value
+        return _finite(node.value, text)
     if isinstance(node, ast.Name):
         return {"true": True, "false": False, "none": None}.get(node.id.lower(), node.id)
     if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
             and isinstance(node.operand, ast.Constant)
-            and isinstance(node.operand.value, (int, float))):
-        return -node.operand.value
+            and isinstance(node.operand.value, (int, float))
+            and not isinstance(node.operand.value, bool)):
+        return _finite(-node.operand.value, text)
     raise UserError(f"malformed rule expression {text!r}: option values must be numbers, "
                     "strings, true/false or bare words")
+
+
+def _finite(value: Any, text: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"malformed rule expression {text!r}: option values must be finite "
+                        f"numbers (got {value})")
+    return value
 
 
 def build(spec: str | RuleExpr) -> UpdateRule:
@@ -106,8 +129,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def _check(rule: str, key: str, value: Any, annotation: Any) -> Any:
     if annotation is None:
         return value
-    try:
-        return TypeAdapter(annotation).validate_python(value, strict=False)
+    try:  # strict: no 1e9 for an integer, no true for a number, no 'nan' string for a float
+        return TypeAdapter(annotation).validate_python(value, strict=True)
     except ValidationError as exc:
         msg = exc.errors()[0]["msg"]
         raise UserError(f"bad value {value!r} for option {key!r} of rule {rule!r}: {msg}") \

@@ -3,7 +3,10 @@ Figure 4), read from each run's ``metrics.jsonl``, drawn to a PNG with matplotli
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 from pathlib import Path
 
 from localearn.errors import UserError
@@ -30,11 +33,40 @@ def load_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder: {path} does not exist")
-    rows = [r for r in read_jsonl(path) if metric in r and "epoch" in r]
+    rows = [r for r in read_jsonl(path) if _number(r.get(metric)) and _number(r.get("epoch"))]
     if not rows:
-        raise UserError(f"{path} has no epoch rows with {metric!r}")
+        raise UserError(f"{path} has no epoch rows with a number for {metric!r}")
     scale = 100.0 if metric.endswith("_acc") else 1.0
     return [int(r["epoch"]) for r in rows], [float(r[metric]) * scale for r in rows]
+
+
+def _number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_output(out: Path) -> None:
+    """Refuse a PNG target that is a folder, lies under a file, or is an existing file that is
+    not a PNG (a checkpoint, a metrics file...)."""
+    try:
+        if out.is_dir():
+            raise UserError(f"-o {out} is a folder; give a file name, e.g. {out / 'plot.png'}")
+        if out.exists():
+            with open(out, "rb") as f:
+                if f.read(8) != PNG_MAGIC:
+                    raise UserError(f"-o {out} exists and is not a PNG; refusing to replace "
+                                    "it: pick another file")
+        for parent in out.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UserError(f"-o {out} cannot be written: {parent} is a file, not a "
+                                    "folder")
+                break
+    except OSError as exc:
+        raise UserError(f"-o {out} cannot be used: {exc.strerror or exc}") from None
 
 
 def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
@@ -44,6 +76,8 @@ def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
         raise UserError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if labels and len(labels) != len(runs):
         raise UserError(f"{len(labels)} labels for {len(runs)} runs; give one --label per run")
+    out = Path(out)
+    check_output(out)
     curves = [load_curve(Path(r), metric) for r in runs]
     import matplotlib
 
@@ -63,8 +97,18 @@ def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # atomically: a failed write leaves no half PNG
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"could not write {out}: {exc.strerror or exc}") from None
     return out

@@ -6,6 +6,8 @@
      "local_losses": [0.9, 0.7], "test_acc": 0.93, "epoch_time": 12.5,
      "step_time": 0.19, "images_per_s": 330.0, "peak_mem_mb": 812.0}
 
+plus ``batches`` and ``planned_batches`` (what the epoch delivered and what was planned) and,
+for an epoch that delivered less than half its plan, a ``warning``.
 ``RUN_DIR/steps.jsonl`` one every ``log_every`` steps (``step, epoch, lr, loss, local_losses,
 train_acc`` of that batch, ``step_time, images_per_s, peak_mem_mb``), ``RUN_DIR/config.json``
 the validated settings, and ``RUN_DIR/tb/`` TensorBoard events when asked. ``local_losses[i]``
@@ -23,6 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from localearn.errors import UserError
+
+
+def require_tensorboard() -> None:
+    """`UserError` unless the ``tensorboard`` package (the ``tensorboard`` extra) is installed."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install "
+                        "'localearn[tensorboard]' (or pip install tensorboard), or drop "
+                        "--tensorboard") from None
+
+
+def _write(path: Path, text: str, mode: str = "w") -> None:
+    """Write (or append) text; a failed write is one `UserError` line naming the file."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as exc:
+        raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -49,14 +72,24 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file; a torn last line (a killed writer) is dropped."""
+    """The rows (JSON objects) of a JSONL file; a torn last line (a killed writer) is dropped.
+    A file that is not UTF-8 text is a `UserError`."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a JSONL text file (it holds bytes that are not "
+                        "UTF-8)") from None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    for line in text.splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 
@@ -73,6 +106,7 @@ class RunLog:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
+                require_tensorboard()
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
@@ -82,18 +116,17 @@ class RunLog:
         resumed run drops rows logged after its checkpoint)."""
         if not self.enabled:
             return
-        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        _write(self.run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        _write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         kept = []
         if step > 0 and self.steps_path.is_file():
             kept = [r for r in read_jsonl(self.steps_path) if r.get("step", 0) <= step]
-        self.steps_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        _write(self.steps_path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.tb is not None and step > 0:
             self.tb.add_text("resume", f"resumed at step {step}", step)
 
     def _append(self, path: Path, row: dict[str, Any]) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        _write(path, json.dumps(row) + "\n", "a")
 
     def _scalars(self, prefix: str, row: dict[str, Any], step: int) -> None:
         if self.tb is None:

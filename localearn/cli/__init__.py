@@ -6,10 +6,14 @@ User mistakes print one line, ``localearn: error: ...``, and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from localearn.errors import UserError
+
+#: the environment variable that lets every command read pipe: URLs (`localearn.data.webdata`)
+PIPE_ENV = "LOCALEARN_ALLOW_PIPE"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,7 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _restore_pipes(saved: str | None) -> None:
+    if saved is None:
+        os.environ.pop(PIPE_ENV, None)
+    else:
+        os.environ[PIPE_ENV] = saved
+
+
 def main(argv: list[str] | None = None) -> int:
+    # on the command line, shard lists may run shell commands (pipe: URLs) only when asked:
+    # fit --allow-pipe, or LOCALEARN_ALLOW_PIPE=1 for every command
+    saved_pipes = os.environ.get(PIPE_ENV)
+    os.environ.setdefault(PIPE_ENV, "0")
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
@@ -66,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"localearn: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("localearn: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM during fit (TrainingInterrupted)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per process
+            print(f"localearn: {getattr(exc, 'message', None) or 'interrupted'}",
+                  file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+    finally:
+        _restore_pipes(saved_pipes)

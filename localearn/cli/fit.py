@@ -12,6 +12,10 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 _NOT_SETTINGS = ("command", "config", "func", "argv")
+#: settings a resumed run does not take from its checkpoint: where it writes (the checkpoint's
+#: own folder unless --output-dir is given), whether it may replace a run, whether its data may
+#: run shell commands (a checkpoint from elsewhere must not switch that on)
+_NOT_RESUMED = ("output_dir", "overwrite", "allow_pipe", "resume", "seeds")
 
 
 def _plain(annotation: Any) -> Any:
@@ -57,6 +61,27 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, **flag_kwargs(name, field))
 
 
+def preflight(cfg: Any) -> None:
+    """What can be checked before workers start: the rule expression, the device name, the
+    output folder (usable, and holding no other run), TensorBoard."""
+    from localearn import expr
+    from localearn.engine import checkpoint
+    from localearn.runlog import require_tensorboard
+
+    expr.build(cfg.rule)
+    if cfg.device not in ("auto", "cpu"):
+        from localearn.build import resolve_device
+
+        resolve_device("cuda" if cfg.device.startswith("cuda") else cfg.device)
+    if cfg.tensorboard:
+        require_tensorboard()
+    if cfg.seeds or cfg.resume:  # each seed's folder, or the checkpoint's: checked by fit
+        return
+    checkpoint.usable_dir(cfg.output_dir)
+    if not cfg.overwrite and checkpoint.held_run(cfg.output_dir) is not None:
+        checkpoint.claim_run_dir(cfg.output_dir)  # raises the one-line refusal
+
+
 def fit_command(args: argparse.Namespace) -> int:
     from localearn import distributed
     from localearn.config import FitConfig, make_config
@@ -68,9 +93,12 @@ def fit_command(args: argparse.Namespace) -> int:
         # continue with the settings stored in the checkpoint; flags given now override them
         out = given.get("output_dir", FitConfig.model_fields["output_dir"].default)
         path, previous = checkpoint.resolve(args.resume, Path(out))
-        overrides = {**checkpoint.saved_config(path, previous), **given}
+        saved = {k: v for k, v in checkpoint.saved_config(path, previous).items()
+                 if k not in _NOT_RESUMED and k in FitConfig.model_fields}
+        overrides = {**saved, **given}
     cfg = make_config(args.config, **overrides)
     if cfg.nproc > 1 and not distributed.launched():
+        preflight(cfg)  # a mistake is one line here, not one per worker and a torchrun trace
         return distributed.relaunch(cfg.nproc, list(args.argv))
     main = distributed.current_env().is_main
     if cfg.seeds:

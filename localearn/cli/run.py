@@ -18,7 +18,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from localearn.engine.checkpoint import export_safetensors
 
-    out = export_safetensors(args.checkpoint, args.output)
+    out = export_safetensors(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -30,7 +30,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run folders (each with a metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, default=Path("accuracy.png"),
-                   help="PNG to write (default accuracy.png)")
+                   help="PNG to write (default accuracy.png); an existing file that is not a "
+                        "PNG is never replaced")
     p.add_argument("--metric", choices=list(METRICS), default="test_acc")
     p.add_argument("--label", action="append", help="legend label, once per run in order")
     p.add_argument("--title")
@@ -38,5 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's backbone weights to safetensors")
     p.add_argument("checkpoint", type=Path, help="a checkpoint file or a run folder")
     p.add_argument("-o", "--output", type=Path,
-                   help="file to write (default: the checkpoint's name with .safetensors)")
+                   help="file to write (default: the checkpoint's name with .safetensors); an "
+                        "existing file is replaced only with --overwrite, a checkpoint never")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (never a checkpoint)")
     p.set_defaults(func=cmd_export)

@@ -198,10 +198,12 @@ def cifar10_shards(data_dir: Path | None = None, *, download: bool = False,
     splits = []
     for name, tf, limit, train in (("train", train_tf, train_limit, True),
                                    ("test", test_tf, test_limit, False)):
-        urls = [str(p) for p in sorted(root.glob(f"cifar10-{name}-*.tar*"))]
-        samples = _split_entry(manifest, name).get("samples")
+        # Path objects: local files, never read as URLs (a folder named 'pipe:...' included)
+        urls = sorted(root.absolute().glob(f"cifar10-{name}-*.tar*"))
+        samples = _positive_int(_split_entry(manifest, name).get("samples"),
+                                f"{name}.samples", root / "manifest")
         splits.append(ShardStream(urls, tf, samples=samples, limit=limit,
-                                  num_classes=10, train=train, seed=seed))
+                                  num_classes=10, train=train, seed=seed, image_size=32))
     info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, CIFAR10_CLASSES)
     return DataSplits(splits[0], splits[1], info)
 
@@ -260,7 +262,8 @@ def _positive_int(value: object, what: str, where: Path) -> int | None:
     return value
 
 
-def _split_shards(root: Path, manifest: dict, split: str) -> tuple[list[str] | str, int | None]:
+def _split_shards(root: Path, manifest: dict,
+                  split: str) -> tuple[list[Path] | list[str] | str, int | None]:
     """Shard specs and sample count of one split: the manifest's ``urls``, or the local files
     named ``*{split}-*.tar*`` (``val``/``validation`` also serve as the test split)."""
     entry = _split_entry(manifest, split)
@@ -273,7 +276,7 @@ def _split_shards(root: Path, manifest: dict, split: str) -> tuple[list[str] | s
             raise UserError(f"{where}: {split}.urls must be a string or a list of strings")
         return urls, samples
     for name in SPLIT_ALIASES[split]:
-        found = sorted(str(p) for p in root.glob(f"*{name}-*.tar*"))
+        found = sorted(root.absolute().glob(f"*{name}-*.tar*"))  # local paths, never URLs
         if found:
             expected = entry.get("shards")
             if isinstance(expected, int) and expected != len(found):
@@ -291,8 +294,9 @@ def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
     """ImageNet-style WebDataset shards, streamed (1000 classes, 224x224 crops by default).
 
     ``DIR`` holds ``train-*.tar`` and ``val-*.tar`` (or ``.tar.gz``), or a ``manifest.json``
-    (or ``.toml``) with ``train``/``val`` tables of ``urls`` (brace patterns, ``pipe:`` URLs)
-    and ``samples``, and optional ``num_classes`` (or a ``classes`` list) and ``image_size``.
+    (or ``.toml``) with ``train``/``val`` tables of ``urls`` (brace patterns, http(s) URLs;
+    ``pipe:`` URLs only where allowed, see `localearn.data.webdata`) and ``samples``, and
+    optional ``num_classes`` (or a ``classes`` list) and ``image_size``.
     """
     from localearn.data.webdata import ShardStream
 

@@ -3,7 +3,13 @@
 `ShardStream` reads tar shards (``.tar``, ``.tar.gz``) whose samples hold an image (``jpg``,
 ``jpeg``, ``png`` or ``webp``) and a class index (``cls``, ASCII digits). Shards are named by
 local paths, glob or brace patterns (``train-{000000..001023}.tar``) or any URL the
-``webdataset`` library opens, ``pipe:`` commands included (``pipe:curl -s https://.../x.tar``).
+``webdataset`` library opens. A local path is always opened as a file, never as a URL.
+
+``pipe:`` URLs (``pipe:curl -s https://.../x.tar``) run a shell command, so they are opt-in:
+`localearn fit` refuses them unless ``--allow-pipe`` is given on its command line, the other
+commands unless ``LOCALEARN_ALLOW_PIPE=1`` is set; Python code decides with
+``ShardStream(allow_pipe=...)`` or `pipes_allowed` (allowed by default there: the code names
+the URLs itself). Only allow them for data folders and manifests you trust.
 
 How an epoch is made, per rank and data-loader worker:
 
@@ -23,14 +29,20 @@ training. ``limit`` keeps only the first N samples in shard order (a fixed subse
 A sample that cannot be used (undecodable image, no label, label out of range) is skipped; a
 shard that cannot be opened or read to its end is abandoned at that point. Both are counted,
 in counters shared by all workers (`ShardStream.skipped`), and reported with a
-`CorruptDataWarning`; training goes on.
+`CorruptDataWarning`; training goes on. A shard cut short loses the samples after the damage;
+since their tar headers are gone too, the count of those (``lost``) is a lower bound. An
+empty shard is reported too. With ``image_size``, an image of another size is resized to it
+(and counted), so one odd sample cannot break a batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import io
 import multiprocessing
+import os
 import random
 import sys
 import tarfile
@@ -39,6 +51,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 from PIL import Image
@@ -52,7 +66,8 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from localearn.errors import UserError
 
-__all__ = ["CorruptDataWarning", "ShardStream", "count_samples", "decode_rgb", "expand_shards"]
+__all__ = ["CorruptDataWarning", "PIPE_ENV", "ShardStream", "count_samples", "decode_rgb",
+           "expand_shards", "pipes_allowed"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _SCHEMES = ("pipe:", "file:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
@@ -78,24 +93,96 @@ def _is_url(spec: str) -> bool:
     return spec.startswith(_SCHEMES)
 
 
-def expand_shards(spec: str | Sequence[str], base: Path | None = None) -> list[str]:
+#: set to 1 to let commands other than ``fit --allow-pipe`` read ``pipe:`` URLs
+PIPE_ENV = "LOCALEARN_ALLOW_PIPE"
+_PIPES: contextvars.ContextVar[bool | None] = contextvars.ContextVar("localearn_allow_pipe",
+                                                                      default=None)
+
+
+def pipes_from_env() -> bool | None:
+    """``LOCALEARN_ALLOW_PIPE``: True for 1/true/yes, False for anything else, None unset."""
+    value = os.environ.get(PIPE_ENV)
+    if value is None:
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def pipes_default() -> bool:
+    """Whether a `ShardStream` made now may read ``pipe:`` URLs: the innermost
+    `pipes_allowed`, else ``LOCALEARN_ALLOW_PIPE``, else True (Python code names its URLs)."""
+    inner = _PIPES.get()
+    if inner is not None:
+        return inner
+    env = pipes_from_env()
+    return True if env is None else env
+
+
+@contextlib.contextmanager
+def pipes_allowed(allow: bool) -> Iterator[None]:
+    """Streams made inside may (True) or may not (False) read ``pipe:`` URLs."""
+    token = _PIPES.set(bool(allow))
+    try:
+        yield
+    finally:
+        _PIPES.reset(token)
+
+
+def _check_url(url: str, allow_pipe: bool) -> None:
+    if not url.startswith("pipe:"):
+        return
+    if not allow_pipe:
+        raise UserError(f"shard URL {url[:80]!r} would run a shell command; pipe: URLs are off "
+                        "unless you pass --allow-pipe (or set LOCALEARN_ALLOW_PIPE=1), and only "
+                        "for data you trust")
+    from webdataset import utils as wds_utils
+
+    if wds_utils.enforce_security:
+        raise UserError(f"webdataset refuses shard URL {url[:80]!r}: WDS_SECURE=1 forbids pipe: "
+                        "URLs; unset WDS_SECURE, or name the shards by local path or http(s) URL")
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None, *,
+                  allow_pipe: bool = True) -> list[str]:
     """Shard URLs from brace patterns (``a-{000..009}.tar``), globs (local paths only), lists
-    and ``pipe:``/``http`` URLs; relative local paths are taken relative to ``base``."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
+    and ``pipe:``/``http`` URLs; relative local paths are taken relative to ``base`` and
+    every local path is made absolute (so no file name is ever read as a URL). A ``pipe:`` URL
+    is a `UserError` unless ``allow_pipe``; a ``Path`` is always a local path."""
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     out: list[str] = []
     for s in specs:
+        if isinstance(s, Path):  # a path found on disk: never a URL, never a pattern
+            out.append(str(s.expanduser().absolute()))
+            continue
         for url in expand_urls(s):
-            if _is_url(url):
+            if url.startswith("file:"):
+                url = url2pathname(urlparse(url).path)
+            elif _is_url(url):
+                _check_url(url, allow_pipe)
                 out.append(url)
                 continue
             path = Path(url).expanduser()
             if base is not None and not path.is_absolute():
-                path = base / path
+                path = Path(base) / path
+            path = path.absolute()
             if glob.has_magic(str(path)):
                 out.extend(sorted(glob.glob(str(path))))
             else:
                 out.append(str(path))
     return out
+
+
+def _open(url: str) -> Any:
+    """A binary stream of one shard: a local path as a plain file (never through a URL
+    handler), a URL through webdataset, whose refusals become one `UserError` line."""
+    if not _is_url(url):
+        return open(url, "rb")
+    try:
+        return gopen(url)
+    except ValueError as exc:
+        if "unsafe_gopen" in str(exc) or "security" in str(exc):
+            raise UserError(f"webdataset refuses shard URL {url[:80]!r} ({exc}); unset "
+                            "WDS_SECURE or name the shards by local path") from None
+        raise
 
 
 def _close(stream: Any) -> None:
@@ -105,7 +192,7 @@ def _close(stream: Any) -> None:
 
 def _iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
     """(key, extension, bytes) for every regular file of one shard, in tar order."""
-    stream = gopen(url)
+    stream = _open(url)
     finished = False
     try:
         for member in tar_file_iterator(stream):
@@ -122,6 +209,8 @@ def _iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
 
 
 _COUNT_CACHE: dict[tuple, int] = {}
+#: shards whose count stopped at damage (their true size is unknown: it is at least the count)
+_DAMAGED: set[str] = set()
 
 
 def count_samples(url: str) -> int:
@@ -153,7 +242,7 @@ def count_samples(url: str) -> int:
             with tarfile.open(url, mode="r:") as tar:  # seekable: skips over the data
                 add(tar)
         else:
-            stream = gopen(url)
+            stream = _open(url)
             try:
                 with tarfile.open(fileobj=stream, mode="r|*") as tar:
                     add(tar)
@@ -164,7 +253,9 @@ def count_samples(url: str) -> int:
                     pass
     except (tarfile.TarError, OSError, EOFError) as exc:
         warnings.warn(f"shard {url} is damaged ({exc}); counting {len(keys)} samples before "
-                      "the damage", CorruptDataWarning, stacklevel=2)
+                      "the damage (it held at least that many)", CorruptDataWarning,
+                      stacklevel=2)
+        _DAMAGED.add(url)
     _COUNT_CACHE[cache_key] = len(keys)
     return len(keys)
 
@@ -176,12 +267,20 @@ def decode_rgb(data: bytes) -> Tensor:
         return pil_to_tensor(img.convert("RGB"))
 
 
+def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """A uint8 (3, H, W) image resized (bilinear, antialiased) to ``size``."""
+    out = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear",
+                                          antialias=True, align_corners=False)[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 @dataclass
 class _Shard:
     url: str
     count: int  # samples per epoch from this shard (exact when ``exact``)
     exact: bool
     cap: int | None = None  # read no more than this many samples (``limit``)
+    damaged: bool = False  # its count stopped at damage: samples after it are not counted
 
 
 class ShardStream(IterableDataset):
@@ -192,11 +291,14 @@ class ShardStream(IterableDataset):
     ``limit`` keeps the first N samples in shard order. ``shuffle`` is the shuffle buffer size
     (0: no shuffling of samples or shards; default 1000 for training, 0 otherwise).
     ``resample``: True, False, or ``"auto"`` (resampled when training on several ranks).
+    ``allow_pipe``: whether ``pipe:`` URLs (shell commands) may be read (default:
+    `pipes_default`). ``image_size`` (``(H, W)`` or one side): decoded images of another size
+    are resized to it and counted (``skipped["resized"]``).
     """
 
     def __init__(
         self,
-        shards: str | Sequence[str],
+        shards: str | Path | Sequence[str | Path],
         transform: Callable[[Tensor], Tensor],
         *,
         samples: int | None = None,
@@ -208,9 +310,12 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         base_dir: Path | None = None,
         max_warnings: int = 5,
+        allow_pipe: bool | None = None,
+        image_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        urls = expand_shards(shards, base_dir)
+        self.allow_pipe = pipes_default() if allow_pipe is None else bool(allow_pipe)
+        urls = expand_shards(shards, base_dir, allow_pipe=self.allow_pipe)
         if not urls:
             raise UserError(f"no shards match {shards!r}")
         if samples is not None and samples < 1:
@@ -223,11 +328,14 @@ class ShardStream(IterableDataset):
         self.resample = resample
         self.seed = seed
         self.max_warnings = max_warnings
+        self.image_size = ((image_size, image_size) if isinstance(image_size, int)
+                           else tuple(image_size) if image_size is not None else None)
         self.epoch = 0
         self._rank: tuple[int, int] | None = None
         self.shards = self._plan(urls, samples, limit)
-        # skipped samples, unreadable shards, samples lost in them, usable samples delivered
-        self._stats = multiprocessing.get_context().Array("q", 4)
+        # skipped samples, unreadable shards, samples lost in them, usable samples delivered,
+        # images resized to image_size
+        self._stats = multiprocessing.get_context().Array("q", 5)
         self._reported = (0, 0, 0)
 
     # ----------------------------------------------------------------------------- planning
@@ -241,7 +349,10 @@ class ShardStream(IterableDataset):
                 if limit is not None and total >= limit:
                     break
                 n = count_samples(url)
-                shards.append(_Shard(url, n, True))
+                if n == 0:
+                    warnings.warn(f"shard {url} holds no samples; it is left out",
+                                  CorruptDataWarning, stacklevel=3)
+                shards.append(_Shard(url, n, True, damaged=url in _DAMAGED))
                 total += n
         else:
             small, extra = divmod(samples, len(urls))
@@ -295,10 +406,11 @@ class ShardStream(IterableDataset):
     @property
     def skipped(self) -> dict[str, int]:
         """Totals over all workers so far: skipped samples, unreadable shards, the samples
-        known to be lost in those shards, and usable samples delivered."""
+        known to be lost in those shards (a lower bound: a cut shard hides what followed the
+        cut), usable samples delivered and images resized to ``image_size``."""
         with self._stats.get_lock():
-            s, b, lost, ok = self._stats[:]
-        return {"samples": s, "shards": b, "lost": lost, "delivered": ok}
+            s, b, lost, ok, resized = self._stats[:]
+        return {"samples": s, "shards": b, "lost": lost, "delivered": ok, "resized": resized}
 
     def report(self) -> str | None:
         """Warn about skips since the last report; returns the message (None if none)."""
@@ -309,7 +421,8 @@ class ShardStream(IterableDataset):
         ds, dsh, dl = (a - b for a, b in zip(cur, self._reported))
         self._reported = cur
         msg = (f"skipped {ds + dl} corrupt or unreadable samples ({ds} undecodable, {dl} in "
-               f"{dsh} unreadable shards) since the last report; {cur[0] + cur[2]} in total")
+               f"{dsh} unreadable shards, at least) since the last report; {cur[0] + cur[2]} "
+               "in total")
         warnings.warn(msg, CorruptDataWarning, stacklevel=2)
         return msg
 
@@ -337,6 +450,10 @@ class ShardStream(IterableDataset):
             if current is not None:
                 seen += 1
                 yield current
+            if seen == 0:
+                log(f"shard {shard.url} holds no samples")
+        except UserError:
+            raise
         except Exception as exc:  # a truncated, missing or non-tar shard
             if current is not None:  # its complete members may still make a sample
                 seen += 1
@@ -344,13 +461,20 @@ class ShardStream(IterableDataset):
             lost = max(0, shard.count - seen) if shard.exact else 0
             self._add(1)
             self._add(2, lost)
+            if not shard.exact:
+                what = " (how many samples it held is unknown: its count is an even share)"
+            elif shard.damaged or lost:
+                what = (f" (at least {lost} sample{'s' * (lost != 1)}: the samples after the "
+                        "damage cannot be counted)")
+            else:
+                what = ""
             log(f"shard {shard.url} is unreadable after {seen} samples "
-                f"({type(exc).__name__}: {exc}); skipped the rest"
-                + (f" ({lost} sample{'s' * (lost > 1)})" if lost else ""))
+                f"({type(exc).__name__}: {exc}); skipped the rest{what}")
         finally:
             members.close()  # closes the file or pipe at once when stopping at ``cap``
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[Tensor, int]:
+    def _decode(self, sample: dict[str, Any]) -> tuple[Tensor, int, bool]:
+        """The transformed image, its label, and whether it was resized to ``image_size``."""
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
             raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
@@ -359,7 +483,11 @@ class ShardStream(IterableDataset):
         label = int(sample["cls"].decode("ascii").strip())
         if label < 0 or (self.num_classes is not None and label >= self.num_classes):
             raise ValueError(f"label {label} is outside 0..{(self.num_classes or 1) - 1}")
-        return self.transform(decode_rgb(sample[image_key])), label
+        image = decode_rgb(sample[image_key])
+        resized = self.image_size is not None and tuple(image.shape[-2:]) != self.image_size
+        if resized:
+            image = _resize(image, self.image_size)
+        return self.transform(image), label, resized
 
     def _raw(self, rank: int, world: int, worker: int, workers: int,
              log: Callable[[str], None]) -> Iterator[dict]:
@@ -407,11 +535,11 @@ class ShardStream(IterableDataset):
         if self.shuffle > 1:
             rng = random.Random(f"samples-{self.seed}-{self.epoch}-{rank}-{worker}")
             raw = shuffle_stage(self.shuffle, self.shuffle, rng=rng)(raw)
-        delivered = failures = 0
+        delivered = failures = resized = 0
         try:
             for sample in raw:
                 try:
-                    item = self._decode(sample)
+                    image, label, odd = self._decode(sample)
                 except Exception as exc:
                     self._add(0)
                     skipped_here += 1
@@ -424,7 +552,10 @@ class ShardStream(IterableDataset):
                     continue
                 failures = 0
                 delivered += 1
-                yield item
+                if odd:
+                    resized += 1
+                    self._add(4)
+                yield image, label
                 if quota is not None and delivered >= quota:
                     break
         finally:
@@ -432,4 +563,7 @@ class ShardStream(IterableDataset):
             if warned:
                 _warn(f"epoch {self.epoch}, rank {rank}, worker {worker}: skipped "
                       f"{skipped_here} undecodable samples and {warned - skipped_here} "
-                      "unreadable shards")
+                      "unreadable or empty shards")
+            if resized and self.image_size is not None:
+                _warn(f"epoch {self.epoch}, rank {rank}, worker {worker}: resized {resized} "
+                      f"image(s) of another size to {self.image_size[0]}x{self.image_size[1]}")

@@ -10,15 +10,25 @@ Files go to ``RUN_DIR/checkpoints/step-NNNNNNNNN.pt`` every ``checkpoint_every``
 each epoch end; the last ``keep_checkpoints`` are kept. Each is written to a temporary file,
 fsynced and renamed, so a kill at any moment leaves either the old set or the new file whole.
 Before loading, the archive's CRCs are checked and the contents are validated against the run;
-a damaged or mismatched file is refused with a `UserError`, never half-loaded.
+a damaged or mismatched file, or one holding NaN or infinite weights or optimizer state, is
+refused with a `UserError`, never half-loaded. A write that fails (a full disk, say) removes
+its temporary file and leaves the previous checkpoint as it was.
+
+A run folder belongs to one run: `claim_run_dir` refuses to start a run in a folder that holds
+another (finished or unfinished) unless asked to replace it, and resuming continues in the
+folder the checkpoint is in (`run_dir_of`) unless another folder is named.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
+import shutil
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,32 +53,141 @@ TRAJECTORY = ("epochs", "lr", "momentum", "nesterov", "weight_decay", "warmup_ep
               "warmup_lr", "precision")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` with torch.save to a temporary file, fsync it, then rename over ``path``."""
+class WriteFailed(UserError):
+    """A file could not be written (its temporary file was removed; the old file is intact)."""
+
+    def __init__(self, message: str, path: Path, no_space: bool) -> None:
+        super().__init__(message)
+        self.path, self.no_space = path, no_space
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The `OSError` behind ``exc`` (itself, or one it was raised from or during)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _no_space(path: Path, os_err: OSError | None) -> bool:
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:  # torch reports a failed write without its errno: look at the disk
+        return os_err is None and shutil.disk_usage(mount_point(path)).free < 2**20
+    except OSError:
+        return False
+
+
+def write_failed(path: Path, exc: BaseException) -> WriteFailed:
+    """A one-line `WriteFailed` for a failed write of ``path``."""
+    os_err = _os_error(exc)
+    if _no_space(path, os_err):
+        return WriteFailed(f"no space left on the device {mount_point(path)} while writing "
+                           f"{path}", path, True)
+    if os_err is not None:
+        why = os_err.strerror or type(os_err).__name__
+    else:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return WriteFailed(f"could not write {path}: {why}", path, False)
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """``write(f)`` to a temporary file beside ``path``, fsync, rename over ``path``; on any
+    failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise write_failed(path, exc) from None
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(dir_fd)
+    except OSError:
+        pass
     finally:
         os.close(dir_fd)
 
 
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` with torch.save to a temporary file, fsync it, then rename over ``path``;
+    a failed write (a full disk...) is a `WriteFailed` and leaves no temporary file."""
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------------- finiteness
+def named_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested dict/list (a state dict, an optimizer's), by path."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from named_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+#: a weight, buffer or optimizer value beyond this (the square root of the largest float32)
+#: is as bad as an infinity: squared (a BatchNorm variance, a norm) it overflows, and a run
+#: resumed from it diverges again; no healthy run comes near it
+OVERFLOW = 2.0**64
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN, an infinity or a value
+    beyond `OVERFLOW` in magnitude, else None (one host read per device)."""
+    by_device: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    for name, t in named:
+        if t.is_floating_point() or t.is_complex():
+            names, flags = by_device.setdefault(t.device, ([], []))
+            names.append(name)
+            flags.append((t.abs() <= OVERFLOW).all())  # False for NaN and infinity too
+    for names, flags in by_device.values():
+        ok = torch.stack(flags).tolist()
+        if not all(ok):
+            return names[ok.index(False)]
+    return None
+
+
+def nonfinite_in(ckpt: dict[str, Any]) -> str | None:
+    """The first non-finite (or overflowing) tensor among a checkpoint's weights, buffers
+    and optimizer state."""
+    parts = {"model": ckpt.get("model"), "aux": ckpt.get("aux"), "rule": ckpt.get("rule"),
+             "optimizer": (ckpt.get("optimizer") or {}).get("state")}
+    return first_nonfinite(named_tensors({k: v for k, v in parts.items() if v is not None}))
 
 
 # ----------------------------------------------------------------------------------- RNG
@@ -160,6 +279,13 @@ def read(path: Path, previous: Path | None = None, map_location: Any = "cpu") ->
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise _corrupt(path, f"missing entries: {', '.join(missing)}", previous)
+    bad = nonfinite_in(ckpt)
+    if bad is not None:
+        hint = (f"; resume from the one before it with --resume {previous}"
+                if previous is not None else "; resume from an earlier one")
+        raise UserError(f"checkpoint {path} holds NaN, infinite or overflowing values ({bad}): "
+                        f"the run had diverged; it was not loaded{hint}, e.g. with a lower "
+                        "--lr")
     return ckpt
 
 
@@ -193,6 +319,15 @@ def resolve(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
     return files[-1], (files[-2] if len(files) > 1 else None)
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to: ``RUN`` for ``RUN/checkpoints/step-N.pt``
+    and for ``RUN/checkpoint.pt`` (wherever that folder has been moved or copied)."""
+    p = Path(checkpoint)
+    if p.parent.name == "checkpoints" and _NAME.match(p.name):
+        return p.parent.parent
+    return p.parent
+
+
 def saved_config(path: Path, previous: Path | None = None) -> dict[str, Any]:
     """The run settings stored in a checkpoint (read lazily, without loading the weights)."""
     try:
@@ -215,6 +350,113 @@ def unfinished(run_dir: Path) -> str | None:
         return f"step {ckpt['step']}, epoch {ckpt['epoch']} of {epochs}"
     except Exception:
         return f"its newest checkpoint {files[-1].name} is unreadable"
+
+
+# ----------------------------------------------------------------------- run folders
+#: what a run writes in its folder (and what --overwrite removes)
+RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "steps.jsonl", "config.json")
+
+
+def _short(path: Path, n: int = 120) -> str:
+    text = str(path)
+    return text if len(text) <= n else f"{text[:n // 2]}...{text[-n // 2:]}"
+
+
+def _os_problem(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be used as an output folder, in words."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return "its name is too long (at most 255 bytes a name)"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        p = Path(os.path.abspath(path))
+        for parent in [p, *p.parents]:
+            try:
+                if parent.exists() and not parent.is_dir():
+                    return f"{_short(parent)} is a file, not a folder"
+            except OSError:
+                continue
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "it is not writable (permission denied)"
+    if exc.errno == errno.EROFS:
+        return "it is on a read-only file system"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device {mount_point(path)}"
+    return exc.strerror or type(exc).__name__
+
+
+def usable_dir(out: Path) -> None:
+    """Make the output folder ``out`` (and its parents) and check a file can be written
+    there; else a one-line `UserError` saying why not (a file, under a file, read-only, a
+    name too long, a full disk)."""
+    out = Path(out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output folder {_short(out)} is a file; pick a folder with "
+                            "--output-dir")
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".localearn-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output folder {_short(out)} cannot be used: "
+                        f"{_os_problem(out, exc)}; pick another --output-dir") from None
+
+
+def held_run(run_dir: Path) -> tuple[str, str] | None:
+    """``("unfinished"|"finished", what)`` for a run whose files are in ``run_dir``, else
+    None (no checkpoint and no summary: nothing worth keeping)."""
+    run_dir = Path(run_dir)
+    state = unfinished(run_dir)
+    if state:
+        return "unfinished", state
+    final, summary = run_dir / "checkpoint.pt", run_dir / "summary.json"
+    if not (list_checkpoints(run_dir) or final.is_file() or summary.is_file()):
+        return None
+    what = "its checkpoint.pt"
+    try:
+        s = json.loads(summary.read_text())
+        what = (f"{s['rule']} on {s['model']}, {s['epochs']} epochs, test accuracy "
+                f"{s['last_test_acc']:.2%}")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return "finished", what
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a run's own files from ``run_dir`` (checkpoints first; other files stay)."""
+    run_dir = Path(run_dir)
+    prune(run_dir, 0)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def claim_run_dir(out: Path, *, resume_from: Path | None = None,
+                  overwrite: bool = False) -> None:
+    """Make ``out`` the folder of the run about to start (``resume_from``: the checkpoint it
+    continues), or refuse in one line: a new run may not replace another run's files, and a
+    resumed one may continue in its own folder or in one holding no other run, unless
+    ``overwrite`` (then the other run's files are removed first, checkpoints first)."""
+    out = Path(out)
+    usable_dir(out)
+    if resume_from is not None and \
+            run_dir_of(resume_from).resolve() == out.resolve():
+        return  # continuing in its own folder
+    held = held_run(out)
+    if held is not None and not overwrite:
+        kind, what = held
+        if resume_from is not None:
+            raise UserError(f"{out} holds another, {kind} run ({what}); resuming "
+                            f"{resume_from} there would overwrite it: leave out --output-dir "
+                            f"to continue in {run_dir_of(resume_from)}, pick an empty "
+                            "--output-dir, or pass --overwrite to replace that run")
+        if kind == "unfinished":
+            raise UserError(f"{out} holds the checkpoints of an unfinished run ({what}); "
+                            "continue it with --resume, or delete "
+                            f"{checkpoint_dir(out)} or pick another --output-dir to start "
+                            "over (or pass --overwrite to replace it)")
+        raise UserError(f"{out} holds a finished run ({what}); pick another --output-dir, "
+                        "or pass --overwrite to replace it")
+    clear_run(out)
 
 
 # ---------------------------------------------------------------------- compatibility
@@ -245,6 +487,14 @@ def check_config(ckpt: dict[str, Any], current: dict[str, Any], path: Path,
             "uninterrupted one"] if notes else []
 
 
+def layout_changed(ckpt: dict[str, Any], current: dict[str, Any], world_size: int) -> bool:
+    """True if the samples making up each step differ from the checkpoint's (batch size,
+    train limit, seed, number of processes)."""
+    old = ckpt["config"]
+    return (any(old.get(k) != current.get(k) for k in DATA_LAYOUT)
+            or ckpt.get("world_size", 1) != world_size)
+
+
 def check_state(module: nn.Module, state: dict[str, Any], what: str, path: Path) -> None:
     """Refuse ``state`` unless its keys and shapes match ``module`` exactly (checked before
     anything is copied, so a mismatch never leaves a module half-loaded)."""
@@ -266,11 +516,13 @@ def check_state(module: nn.Module, state: dict[str, Any], what: str, path: Path)
 
 
 # ---------------------------------------------------------------------------- export
-def export_safetensors(path: Path, out: Path | None = None) -> Path:
+def export_safetensors(path: Path, out: Path | None = None, *, overwrite: bool = False) -> Path:
     """Write the backbone weights of a checkpoint (a file or a run folder: its final
     ``checkpoint.pt`` or newest step checkpoint) to safetensors, under the plain backbone's
     parameter names, so ``registry model(num_classes=...)`` loads them for inference. The
-    network is built by `localearn.build.build_run`, as for training."""
+    network is built by `localearn.build.build_run`, as for training. The file is written
+    atomically; a folder, a checkpoint, or (without ``overwrite``) any existing file is refused
+    as the target."""
     from safetensors.torch import save_file
 
     from localearn.build import build_run
@@ -281,6 +533,8 @@ def export_safetensors(path: Path, out: Path | None = None) -> Path:
     if path.is_dir():
         final = path / "checkpoint.pt"
         path = final if final.is_file() else resolve("latest", path)[0]
+    out = Path(out) if out is not None else path.with_suffix(".safetensors")
+    check_export_target(path, out, overwrite)  # before the work: refuse early
     ckpt = read(path)
     cfg = ckpt["config"]
     num_classes = ckpt.get("num_classes")
@@ -299,9 +553,51 @@ def export_safetensors(path: Path, out: Path | None = None) -> Path:
     check_state(net, ckpt["model"], "model", path)
     net.load_state_dict(ckpt["model"])
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
-    out = Path(out) if out is not None else path.with_suffix(".safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"model": cfg["model"],
-                                           "num_classes": str(num_classes),
-                                           "rule": cfg["rule"], "step": str(ckpt["step"])})
+    metadata = {"model": cfg["model"], "num_classes": str(num_classes), "rule": cfg["rule"],
+                "step": str(ckpt["step"])}
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except Exception as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os_err = _os_error(exc)
+        why = _os_problem(out.parent, os_err) if os_err is not None else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not write {_short(out)}: {why}") from None
     return out
+
+
+def check_export_target(source: Path, out: Path, overwrite: bool = False) -> None:
+    """Refuse an export target that is a folder, the checkpoint being read, any checkpoint,
+    or (without ``overwrite``) any existing file."""
+    try:
+        if out.is_dir():
+            raise UserError(f"-o {_short(out)} is a folder; give a file name, e.g. "
+                            f"{_short(out / 'model.safetensors')}")
+        exists = out.exists()
+        same = exists and source.exists() and out.resolve() == source.resolve()
+    except OSError as exc:
+        raise UserError(f"-o {_short(out)} cannot be used: {_os_problem(out, exc)}") from None
+    if same:
+        raise UserError(f"-o {out} is the checkpoint being exported; writing there would "
+                        "replace it: pick another file")
+    if exists and _is_checkpoint(out):
+        raise UserError(f"-o {out} is a checkpoint; exporting there would replace it: pick "
+                        "another file")
+    if exists and not overwrite:
+        raise UserError(f"-o {out} exists; pass --overwrite to replace it, or pick another "
+                        "file")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A torch.save archive (a zip file holding a ``data.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("data.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False

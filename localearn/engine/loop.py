@@ -1,13 +1,24 @@
 """The epoch loop: a slim `Trainer` that wires a run from `localearn.build.build_run` to its
 data loaders, the learning-rate schedule, evaluation, logs, progress and periodic checkpoints.
-One batch is `localearn.engine.step.TrainStep`'s work; the run's position is a `RunState`."""
+One batch is `localearn.engine.step.TrainStep`'s work; the run's position is a `RunState`.
+
+Steps are counted from the batches actually delivered. An epoch that delivers no batch is an
+error; one that delivers fewer than planned re-plans the schedule from what was delivered (so
+the learning rate still reaches its end, and a resumed run follows the same figures), and below
+`SHORT_EPOCH` of the plan it is a warning in the log, in ``metrics.jsonl`` and in
+``summary.json``. SIGINT and SIGTERM finish the current step, write a checkpoint and say how to
+resume (exit 130 and 143); a second signal stops at once.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,19 +36,75 @@ from localearn.config import FitConfig
 from localearn.data import make_loader
 from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
-from localearn.engine.checkpoint import atomic_save, atomic_write_text
+from localearn.engine.checkpoint import WriteFailed, atomic_save, atomic_write_text
 from localearn.engine.state import RunState
 from localearn.engine.step import NonFiniteLoss, autocast
 from localearn.errors import UserError
-from localearn.runlog import RunLog, peak_memory_mb
+from localearn.runlog import RunLog, peak_memory_mb, require_tensorboard
 
-__all__ = ["FitResult", "RepeatsResult", "Trainer", "TrainingDiverged", "atomic_save",
-           "evaluate", "fit", "fit_repeats", "resolve_device", "seed_everything",
-           "warmup_cosine"]
+__all__ = ["SHORT_EPOCH", "FitResult", "RepeatsResult", "Trainer", "TrainingDiverged",
+           "TrainingInterrupted", "atomic_save", "evaluate", "fit", "fit_repeats",
+           "resolve_device", "seed_everything", "warmup_cosine"]
+
+#: an epoch delivering fewer than this share of its planned batches is a warning
+SHORT_EPOCH = 0.5
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the run stopped before saving the diverged state."""
+    """The loss, the weights or the optimizer state became NaN or infinite; the run stopped
+    before saving the diverged state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run (after a checkpoint, unless stopped at once);
+    ``exit_code`` is 128 + the signal number, ``message`` says how to resume."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+
+class StopSignals:
+    """While training: the first SIGINT or SIGTERM asks the loop to stop after the current step
+    (`signum` is set); a second one stops at once (`TrainingInterrupted`, no checkpoint).
+    Installed only in the main thread; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    #: a repeat within this many seconds is the same request delivered twice (to the process
+    #: group and by a launcher such as torchrun), not a second one
+    REPEAT_S = 1.0
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._saved: dict[int, Any] = {}
+        self._when = 0.0
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._saved.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if time.monotonic() - self._when < self.REPEAT_S:
+                return
+            raise TrainingInterrupted(f"{name} again: stopped at once, without writing a "
+                                      "checkpoint (the last one written is intact)",
+                                      128 + signum)
+        self.signum = signum
+        self._when = time.monotonic()
+        if self.announce:
+            print(f"localearn: {name}: finishing the current step, then writing a checkpoint "
+                  f"(send {name} again to stop at once)", file=sys.stderr, flush=True)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> float:
@@ -68,7 +135,10 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, *,
     net.train(was_training)
     if env is not None and env.enabled:
         correct, total = dist_.all_sum([correct, total], device, env)
-    return correct / max(1, total)
+    if total == 0:
+        raise UserError("the test set delivered no samples: nothing to evaluate (check the "
+                        "test data, or --test-limit)")
+    return correct / total
 
 
 @dataclass
@@ -100,6 +170,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: FitConfig) -> None:
+        if cfg.resume and cfg.resume != "latest" and "output_dir" not in cfg.model_fields_set:
+            # continue in the folder the checkpoint is in, wherever it was moved or copied
+            path, _ = ckpt_io.resolve(cfg.resume, cfg.output_dir)
+            cfg = cfg.model_copy(update={"output_dir": ckpt_io.run_dir_of(path)})
         self.cfg = cfg
         self.env = dist_.current_env()
         env = self.env
@@ -141,8 +215,7 @@ class Trainer:
         if steps == 0:
             raise UserError(f"no training batches: {len(self.data.train)} images for "
                             f"{env.world_size} process(es) of batch {cfg.batch_size}")
-        self.steps_per_epoch = steps
-        self.total_steps = steps * cfg.epochs
+        self.steps_per_epoch = steps  # planned; an epoch may deliver fewer (see `short`)
         warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.05 * cfg.epochs
         self.warmup_steps = round(warm * steps)
         self.state = RunState()
@@ -150,6 +223,9 @@ class Trainer:
         self.log = RunLog(cfg.output_dir, enabled=False)
         self._bar: tqdm | None = None
         self._resume_rng: dict[str, Any] | None = None
+        self._signals = StopSignals(announce=env.is_main)
+        self._resumed_from: Path | None = None
+        self._stopped = False  # the current epoch was cut short by a signal
 
     # the run's position, kept in `state` (saved with every checkpoint)
     @property
@@ -168,6 +244,12 @@ class Trainer:
     def history(self) -> list[dict]:
         return self.state.history
 
+    @property
+    def total_steps(self) -> int:
+        """The schedule's length: the planned batches of every epoch, less those that
+        finished epochs did not deliver (so the learning rate reaches its end)."""
+        return self.steps_per_epoch * self.cfg.epochs - self.state.short
+
     # ------------------------------------------------------------------------- training
     def set_lr(self) -> float:
         lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.cfg.lr,
@@ -177,7 +259,15 @@ class Trainer:
         return lr
 
     def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
-        """The epoch's batches, the first ``skip`` left out (resume)."""
+        """The epoch's batches, the first ``skip`` left out (resume), at most the planned
+        number (a stream holding more samples than it stated stops there)."""
+        planned = self.steps_per_epoch
+        for i, batch in enumerate(self._stream(epoch, skip), start=skip):
+            if i >= planned:
+                return
+            yield batch
+
+    def _stream(self, epoch: int, skip: int) -> Iterator[Any]:
         owners = [self.train_sampler, self.train_loader.dataset]
         for owner in owners:
             if hasattr(owner, "set_epoch"):
@@ -211,12 +301,23 @@ class Trainer:
         images_done = 0
         lr = self.set_lr()
         start = last = time.perf_counter()
-        for images, targets in self._batches(epoch, state.batch_in_epoch):
+        batches = self._batches(epoch, state.batch_in_epoch)
+        while True:
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if self._signals.signum is not None:  # loader workers hit by the signal too
+                    self._stopped = True
+                    break
+                raise
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             lr = self.set_lr()
+            self.stepper.stop_vote = self._signals.signum is not None
             try:
                 totals = self.stepper(images, targets)
             except NonFiniteLoss as bad:
@@ -226,11 +327,15 @@ class Trainer:
             step_times.append(now - last)
             last = now
             images_done += int(totals[2])
+            if self._stop_asked():
+                self._stopped = True
+                break
             self._after_batch(epoch, lr, totals, step_times[-1])
         sums = state.epoch_sums
         seen = max(1.0, sums[2]) if sums else 1.0
         elapsed = time.perf_counter() - start
         return {"epoch": epoch, "step": state.step, "lr": lr,
+                "batches": state.batch_in_epoch, "planned_batches": self.steps_per_epoch,
                 "train_loss": sums[0] / seen if sums else float("nan"),
                 "train_acc": sums[1] / seen if sums else float("nan"),
                 "local_losses": [s / seen for s in sums[3:]],
@@ -258,6 +363,83 @@ class Trainer:
                 and self.state.batch_in_epoch < self.steps_per_epoch):  # epoch ends save anyway
             self.save_checkpoint()
 
+    def _stop_asked(self) -> bool:
+        """A signal asked this run to stop (on any rank: the vote went with the step)."""
+        if self.env.enabled:
+            return self.stepper.stop_requested
+        return self._signals.signum is not None
+
+    def _end_of_epoch(self, epoch: int, row: dict) -> None:
+        """Check what the epoch delivered against the plan: none is an error; fewer re-plans
+        the schedule from what was delivered; fewer than `SHORT_EPOCH` of it is a warning."""
+        delivered, planned = self.state.batch_in_epoch, self.steps_per_epoch
+        if delivered == 0:
+            stats = getattr(self.data.train, "skipped", None)
+            why = (f" ({stats['samples']} undecodable samples and {stats['shards']} unreadable "
+                   "shards so far)" if isinstance(stats, dict) else "")
+            raise UserError(f"epoch {epoch} delivered no training batches of "
+                            f"{self.cfg.batch_size} (planned {planned}){why}: there is nothing "
+                            "to train on; check the training data")
+        if delivered >= planned:
+            return
+        self.state.short += planned - delivered
+        if self._bar is not None:
+            self._bar.total = self.total_steps
+        if delivered < SHORT_EPOCH * planned:
+            msg = (f"epoch {epoch} delivered {delivered} of {planned} planned batches "
+                   f"({delivered / planned:.0%}, below {SHORT_EPOCH:.0%}): samples are missing "
+                   "(corrupt, unreadable, or fewer than the data's stated count); the schedule "
+                   "was re-planned from the batches delivered")
+            row["warning"] = msg
+            if self.env.is_main:
+                if self._bar is not None:
+                    self._bar.clear()
+                print(f"localearn: warning: {msg}", file=sys.stderr, flush=True)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Write a checkpoint of the steps done (if any since the last one) and say how to go
+        on; the exception to raise."""
+        signum = self._signals.signum or signal.SIGINT
+        name = signal.Signals(signum).name
+        state = self.state
+        last = self.last_checkpoint
+        if self.step > 0 and (last is None or ckpt_io.step_path(self.cfg.output_dir, self.step)
+                              != last):
+            last = self.save_checkpoint()
+        where = (f"step {self.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of "
+                 f"{self.steps_per_epoch})")
+        if last is None:
+            msg = f"stopped by {name} at {where}, before any checkpoint: nothing to resume"
+        else:
+            msg = (f"stopped by {name} at {where}; checkpoint {last}; continue with: "
+                   f"localearn fit --resume {last}")
+        return TrainingInterrupted(msg, 128 + signum)
+
+    def _check_finite(self, epoch: int) -> None:
+        """Refuse to save weights, buffers or optimizer state holding a NaN, an infinity or a
+        value whose square overflows (`checkpoint.OVERFLOW`): no such checkpoint is good."""
+        named = [*ckpt_io.named_tensors(self.net.state_dict(), "model"),
+                 *ckpt_io.named_tensors(self.aux.state_dict(), "aux"),
+                 *ckpt_io.named_tensors(self.optimizer.state_dict()["state"], "optimizer"),
+                 *ckpt_io.named_tensors(self.rule.state_dict() or {}, "rule")]
+        bad = ckpt_io.first_nonfinite(named)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"{bad} became NaN, infinite or overflowing (beyond 1.8e19) by step "
+                f"{self.step} (epoch {epoch}): the run diverged, so no checkpoint was written "
+                f"with it; {self._good_checkpoint()}; "
+                f"the learning rate is {self.cfg.lr}")
+
+    def _good_checkpoint(self) -> str:
+        last = self.last_checkpoint
+        if last is None:
+            return "no checkpoint had been written yet"
+        if last == self._resumed_from:
+            return (f"this run resumed from {last} and diverged again from it: that state is "
+                    "past saving; resume an earlier checkpoint or start again with a lower --lr")
+        return (f"the last good checkpoint is {last} (resume it with --resume {last}, e.g. "
+                f"with a lower --lr)")
+
     def _write_summary(self, result: FitResult) -> None:
         """``summary.json``: last and best test accuracy, the run's size and its settings."""
         cfg = self.cfg
@@ -268,14 +450,14 @@ class Trainer:
             "last_test_acc": result.test_acc, "best_test_acc": result.best_test_acc,
             "best_epoch": result.best_epoch, "final_train_loss": result.train_loss,
             "train_time_s": sum(r["epoch_time"] for r in rows),
+            "batches_short": self.state.short,
+            "warnings": [r["warning"] for r in rows if r.get("warning")],
             "config": cfg.model_dump(mode="json"),
         }
         atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2))
 
     def _diverged(self, value: float, epoch: int) -> None:
-        last = self.last_checkpoint
-        keep = (f"the last good checkpoint is {last} (resume it with --resume {last}, e.g. "
-                f"with a lower --lr)" if last else "no checkpoint had been written yet")
+        keep = self._good_checkpoint()
         raise TrainingDiverged(
             f"the loss became {value} at step {self.step + 1} (epoch {epoch}); training "
             f"stopped before that step was applied and nothing was saved after it; {keep}; "
@@ -307,25 +489,42 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N.pt`` atomically (rank 0) and prune old ones."""
+        """Write ``checkpoints/step-N.pt`` atomically (rank 0) and prune old ones; refuse
+        non-finite state (`TrainingDiverged`); a failed write leaves the previous checkpoint as
+        it was and says so."""
         self._sync_buffers()
+        self._check_finite(self.state.epoch)
         rngs = dist_.gather_objects(ckpt_io.rng_state(), self.env)
         path = ckpt_io.step_path(self.cfg.output_dir, self.step)
+        failed = None
         if self.env.is_main:
             state = self.state_dict()
             state["rng"] = rngs
-            atomic_save(state, path)
-            ckpt_io.prune(self.cfg.output_dir, self.cfg.keep_checkpoints)
+            try:
+                atomic_save(state, path)
+                ckpt_io.prune(self.cfg.output_dir, self.cfg.keep_checkpoints)
+            except WriteFailed as exc:
+                last = self.last_checkpoint
+                when = "there is room" if exc.no_space else "it can be written"
+                keep = (f"the previous checkpoint {last} is intact: once {when}, continue with "
+                        f"--resume {last}" if last is not None and last.is_file()
+                        else "no earlier checkpoint was written")
+                failed = f"{exc} (the partial file was removed); {keep}"
+        failed = dist_.broadcast_object(failed, self.env)
+        if failed:
+            raise UserError(failed)
         self.last_checkpoint = path
         return path
 
     def resume(self, spec: str) -> Path:
-        """Load the checkpoint ``spec`` names (see `checkpoint.resolve`) and continue from it."""
+        """Load the checkpoint ``spec`` names (see `checkpoint.resolve`) and continue from it,
+        in the output folder (see `checkpoint.claim_run_dir`)."""
         cfg, env = self.cfg, self.env
         found = ckpt_io.resolve(spec, cfg.output_dir) if env.is_main else None
         path, previous = dist_.broadcast_object(found, env)
         state = ckpt_io.read(path, previous)
-        notes = ckpt_io.check_config(state, cfg.model_dump(mode="json"), path, env.world_size)
+        current = cfg.model_dump(mode="json")
+        notes = ckpt_io.check_config(state, current, path, env.world_size)
         ckpt_io.check_state(self.net, state["model"], "model", path)
         ckpt_io.check_state(self.aux, state["aux"], "auxiliary networks", path)
         own = [len(g["params"]) for g in self.optimizer.state_dict()["param_groups"]]
@@ -333,6 +532,8 @@ class Trainer:
         if own != saved:
             raise UserError(f"checkpoint {path} does not fit this run's optimizer: parameter "
                             f"groups of sizes {saved}, this run has {own}; it was not loaded")
+        self._claim(path)
+        self._resumed_from = path
         # everything checked: now load
         self.net.load_state_dict(state["model"])
         self.aux.load_state_dict(state["aux"])
@@ -348,8 +549,10 @@ class Trainer:
             self._resume_rng = rngs[env.rank]
         else:
             seed_everything(cfg.seed + env.rank + self.step)
-        if self.state.epoch_done:  # the same unless the data layout changed at this boundary
+        if self.state.epoch_done and ckpt_io.layout_changed(state, current, env.world_size):
+            # other batches from here on: the schedule restarts its count from the plan
             self.step = self.epoch * self.steps_per_epoch
+            self.state.short = 0
         self.last_checkpoint = path
         if env.is_main:
             for note in notes:
@@ -360,19 +563,23 @@ class Trainer:
                   flush=True)
         return path
 
-    def _fresh_start(self) -> None:
-        """A new run in ``output_dir``: refuse to bury an unfinished run's checkpoints, clear a
-        finished run's."""
-        out = self.cfg.output_dir
-        unfinished = ckpt_io.unfinished(out) if self.env.is_main else None
-        unfinished = dist_.broadcast_object(unfinished, self.env)
-        if unfinished:
-            raise UserError(f"{out} holds the checkpoints of an unfinished run ({unfinished}); "
-                            "continue it with --resume, or delete "
-                            f"{ckpt_io.checkpoint_dir(out)} or pick another --output-dir to "
-                            "start over")
+    def _claim(self, resume_from: Path | None) -> None:
+        """Make the output folder this run's (rank 0 decides, every rank raises alike)."""
+        error = None
         if self.env.is_main:
-            ckpt_io.prune(out, 0)
+            try:
+                ckpt_io.claim_run_dir(self.cfg.output_dir, resume_from=resume_from,
+                                      overwrite=self.cfg.overwrite)
+            except UserError as exc:
+                error = str(exc)
+        error = dist_.broadcast_object(error, self.env)
+        if error:
+            raise UserError(error)
+
+    def _fresh_start(self) -> None:
+        """A new run in ``output_dir``: refuse to replace another run's files (unless
+        ``overwrite``), see `checkpoint.claim_run_dir`."""
+        self._claim(None)
 
     def _finish(self) -> Path:
         """Keep the final state as ``RUN_DIR/checkpoint.pt``; drop the step checkpoints."""
@@ -389,9 +596,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ fit
     def fit(self) -> FitResult:
+        with self._signals:
+            return self._fit()
+
+    def _fit(self) -> FitResult:
         cfg, env = self.cfg, self.env
         out = cfg.output_dir
         try:
+            if cfg.tensorboard:
+                require_tensorboard()
             if cfg.resume:
                 self.resume(cfg.resume)
             else:
@@ -410,6 +623,9 @@ class Trainer:
                              disable=not (cfg.progress and env.is_main))
             for epoch in range(first, cfg.epochs + 1):
                 row = self.train_epoch(epoch)
+                if self._stopped:
+                    raise self._interrupted()
+                self._end_of_epoch(epoch, row)
                 dist_.check_replicas([*self.net.named_parameters(),
                                       *self.aux.named_parameters()], self.device, env)
                 self._sync_buffers()
@@ -427,6 +643,9 @@ class Trainer:
                           f"({row['epoch_time']:.1f}s, {row['images_per_s']:.0f} img/s)",
                           flush=True)
                 self.save_checkpoint()
+                if dist_.all_sum([float(self._signals.signum is not None)], self.device,
+                                 env)[0] and epoch < cfg.epochs:
+                    raise self._interrupted()  # a signal during evaluation
             self._bar.close()
             if not self.history:
                 raise UserError(f"nothing to report: no epoch finished in {out}")

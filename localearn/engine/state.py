@@ -8,9 +8,11 @@ from typing import Any
 
 @dataclass
 class RunState:
-    """``step`` optimizer steps done, ``batch_in_epoch`` of them in ``epoch``; ``epoch_done``
-    once that epoch is evaluated; ``epoch_sums`` are its running train statistics
-    (``[loss*n, correct, n, *local*n]``) and ``history`` the rows of finished epochs."""
+    """``step`` optimizer steps done (counted from the batches delivered), ``batch_in_epoch``
+    of them in ``epoch``; ``epoch_done`` once that epoch is evaluated; ``epoch_sums`` are its
+    running train statistics (``[loss*n, correct, n, *local*n]``), ``history`` the rows of
+    finished epochs and ``short`` the planned batches that finished epochs did not deliver
+    (the schedule is shortened by as many)."""
 
     step: int = 0
     epoch: int = 1
@@ -18,6 +20,7 @@ class RunState:
     epoch_done: bool = False
     epoch_sums: list[float] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    short: int = 0
 
     def start_epoch(self, epoch: int) -> None:
         """Enter ``epoch`` unless the state is already partway through it (a resume)."""
@@ -40,3 +43,4 @@ class RunState:
         self.batch_in_epoch, self.epoch_done = state["batch_in_epoch"], state["epoch_done"]
         self.epoch_sums = list(state.get("epoch_sums", []))
         self.history = list(state.get("history", []))
+        self.short = int(state.get("short", 0))

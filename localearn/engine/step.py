@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from localearn import distributed as dist_
+from localearn.errors import UserError
 from localearn.interfaces import SplitNetwork, StepResult, UpdateRule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -115,6 +116,10 @@ class TrainStep:
         self.reducer, self.env = reducer, env or dist_.DistEnv()
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
         self.ctx = EngineContext(self.scaler, reducer)
+        # a stop asked for on any rank (SIGINT, SIGTERM) travels with the step's statistics,
+        # so every rank stops after the same step
+        self.stop_vote = False
+        self.stop_requested = False
         self.legacy = is_legacy(rule)
         if self.legacy:
             warnings.warn(f"{type(rule).__name__}.train_step(net, images, targets) is "
@@ -124,18 +129,29 @@ class TrainStep:
 
     def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
         """Train on one batch; the global ``[loss*n, correct, n, *local*n]``. Raises
-        `NonFiniteLoss` (on every rank) before the optimizer step if a loss is not finite."""
+        `NonFiniteLoss` (on every rank) before the optimizer step if a loss is not finite.
+        Afterwards ``stop_requested`` is True on every rank if any rank set ``stop_vote``."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.reducer is not None:
             self.reducer.start()
-        with autocast(self.device, self.precision):
-            result = run_rule(self.rule, self.ctx, self.net, images, targets, self.legacy)
+        try:
+            with autocast(self.device, self.precision):
+                result = run_rule(self.rule, self.ctx, self.net, images, targets, self.legacy)
+        except ValueError as exc:
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            raise UserError(f"a batch of {len(targets)} image(s) cannot train the BatchNorm "
+                            "layers (they need at least 2 values per channel); use "
+                            "--batch-size 2 or more, with at least 2 training images per "
+                            "process") from None
         if self.reducer is not None:
             self.reducer.finish()
         stats = step_stats(result, targets)
+        stats = torch.cat([stats, stats.new_tensor([float(self.stop_vote)])])
         if self.env.enabled:
             torch.distributed.all_reduce(stats)
         totals = stats.tolist()  # the step's one host synchronisation
+        self.stop_requested = totals.pop() > 0
         if totals[-1]:
             local = [result.loss, *result.local_losses]
             values = [float(v) for v in local if not torch.isfinite(torch.as_tensor(v))]

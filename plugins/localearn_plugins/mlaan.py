@@ -45,6 +45,7 @@ module i < K-1 has its independent loss, and the cascade depth is the paper's k.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Literal
 
 import torch
@@ -213,6 +214,11 @@ class MLAAN(UpdateRule):
         K = net.k
         self.base.configure(net)  # again, for a network not made by build_network
         self.cascades = self.cascade_ends(K)
+        if K > 1 and not self.cascades:
+            warnings.warn(f"mlaan: k={self.k} spans more than the K-1={K - 1} modules before "
+                          "the last, so no cascade ends inside the network and only the "
+                          f"independent losses train it; valid k for a cascade is 1..{K - 1} "
+                          "(or short_cascades=true)", UserWarning, stacklevel=2)
         self._position = {i: c for c, i in enumerate(self.cascades)}
         table = self._leap_table(net)
         self.blocks: list[list[int]] = []
