@@ -20,3 +20,18 @@ def test_site_builds_strict_with_the_api_reference(tmp_path):
     assert "the engine reads them on the host" in api
     plugins = (tmp_path / "site" / "plugins" / "index.html").read_text()
     assert "The UpdateRule contract" in plugins
+
+
+def test_ci_runs_the_readme_test_command_with_the_pinned_torch():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_line = next(line for line in readme[:8] if "pytest" in line)
+    assert test_line.strip() in ci
+    assert "-c constraints.txt" in test_line and "-c constraints.txt" in readme[3]
+    pins = (ROOT / "constraints.txt").read_text()
+    assert "torch==" in pins and "torchvision==" in pins
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_dep = next(d for d in deps if d.startswith("torch") and "vision" not in d)
+    assert "==" not in torch_dep  # the library declares a range; the exact pin is CI's

@@ -257,7 +257,7 @@ def _check_against_oracle(model, K, k, p, ema_all, short, recompute, fuse, leaps
     return oracle
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=st.sampled_from(sorted(BLOCKS)), data=st.data())
 def test_rule_equals_the_paper_oracle_over_two_sgd_steps(model, data):
     K = data.draw(st.integers(1, 9), label="K")
