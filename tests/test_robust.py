@@ -503,7 +503,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, cap
 
     # a second signal stops at once, without a checkpoint of the unfinished step (one within
     # REPEAT_S of the first is the same request delivered twice: set to 0 to send two here)
-    from localearn.engine.loop import StopSignals
+    from localearn.engine.signals import StopSignals
 
     monkeypatch.setattr(StopSignals, "REPEAT_S", 0.0)
     twice = trainer("twice")

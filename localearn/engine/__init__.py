@@ -20,8 +20,10 @@ from typing import Any
 #: public names and the module that defines each; imported on first use, so that
 #: `localearn.build` can use `localearn.engine.step` while `loop` uses `localearn.build`
 _EXPORTS = {
-    **dict.fromkeys(["FitResult", "RepeatsResult", "Trainer", "TrainingDiverged",
-                     "TrainingInterrupted", "evaluate", "fit", "fit_repeats", "warmup_cosine"],
+    **dict.fromkeys(["RepeatsResult", "fit_repeats"], "repeats"),
+    "TrainingInterrupted": "signals",
+    **dict.fromkeys(["FitResult", "Trainer", "TrainingDiverged", "evaluate", "fit",
+                     "warmup_cosine"],
                     "loop"),
     "RunState": "state",
     **dict.fromkeys(["EngineContext", "TrainStep", "autocast"], "step"),

@@ -16,9 +16,7 @@ import json
 import math
 import os
 import signal
-import statistics
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,14 +35,15 @@ from localearn.data import make_loader
 from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
 from localearn.engine.checkpoint import WriteFailed, atomic_save, atomic_write_text
+from localearn.engine.signals import StopSignals, TrainingInterrupted
 from localearn.engine.state import RunState
 from localearn.engine.step import NonFiniteLoss, autocast
 from localearn.errors import UserError
 from localearn.runlog import RunLog, peak_memory_mb, require_tensorboard
 
-__all__ = ["SHORT_EPOCH", "FitResult", "RepeatsResult", "Trainer", "TrainingDiverged",
-           "TrainingInterrupted", "atomic_save", "evaluate", "fit", "fit_repeats",
-           "resolve_device", "seed_everything", "warmup_cosine"]
+__all__ = ["SHORT_EPOCH", "FitResult", "Trainer", "TrainingDiverged", "TrainingInterrupted",
+           "atomic_save", "evaluate", "fit", "resolve_device", "seed_everything",
+           "warmup_cosine"]
 
 #: an epoch delivering fewer than this share of its planned batches is a warning
 SHORT_EPOCH = 0.5
@@ -53,58 +52,6 @@ SHORT_EPOCH = 0.5
 class TrainingDiverged(UserError):
     """The loss, the weights or the optimizer state became NaN or infinite; the run stopped
     before saving the diverged state."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run (after a checkpoint, unless stopped at once);
-    ``exit_code`` is 128 + the signal number, ``message`` says how to resume."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.message, self.exit_code = message, exit_code
-
-
-class StopSignals:
-    """While training: the first SIGINT or SIGTERM asks the loop to stop after the current step
-    (`signum` is set); a second one stops at once (`TrainingInterrupted`, no checkpoint).
-    Installed only in the main thread; the previous handlers come back on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    #: a repeat within this many seconds is the same request delivered twice (to the process
-    #: group and by a launcher such as torchrun), not a second one
-    REPEAT_S = 1.0
-
-    def __init__(self, announce: bool = True) -> None:
-        self.signum: int | None = None
-        self.announce = announce
-        self._saved: dict[int, Any] = {}
-        self._when = 0.0
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._saved.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            if time.monotonic() - self._when < self.REPEAT_S:
-                return
-            raise TrainingInterrupted(f"{name} again: stopped at once, without writing a "
-                                      "checkpoint (the last one written is intact)",
-                                      128 + signum)
-        self.signum = signum
-        self._when = time.monotonic()
-        if self.announce:
-            print(f"localearn: {name}: finishing the current step, then writing a checkpoint "
-                  f"(send {name} again to stop at once)", file=sys.stderr, flush=True)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> float:
@@ -672,40 +619,3 @@ class Trainer:
 def fit(cfg: FitConfig) -> FitResult:
     """Train one run end to end; see `Trainer`."""
     return Trainer(cfg).fit()
-
-
-@dataclass
-class RepeatsResult:
-    """Runs of one configuration that differ only in the seed."""
-
-    seeds: list[int]
-    results: list[FitResult]
-
-    def stats(self, key: str) -> tuple[float, float]:
-        """Mean and sample standard deviation (0 for one run) of ``test_acc`` or
-        ``best_test_acc`` over the seeds."""
-        values = [getattr(r, key) for r in self.results]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fit_repeats(cfg: FitConfig) -> RepeatsResult:
-    """Train ``cfg`` once per seed in ``cfg.seeds``, each into ``OUTPUT_DIR/seed-N``; write
-    ``OUTPUT_DIR/seeds.json`` with every run's last and best accuracy and their mean and
-    spread."""
-    seeds = list(cfg.seeds or [cfg.seed])
-    results = []
-    for seed in seeds:
-        one = cfg.model_copy(update={"seed": seed, "seeds": None,
-                                     "output_dir": cfg.output_dir / f"seed-{seed}"})
-        results.append(fit(one))
-    out = RepeatsResult(seeds, results)
-    if dist_.current_env().is_main:
-        summary = {"seeds": seeds,
-                   "test_acc": [r.test_acc for r in results],
-                   "best_test_acc": [r.best_test_acc for r in results]}
-        for key in ("test_acc", "best_test_acc"):
-            mean, std = out.stats(key)
-            summary[f"{key}_mean"], summary[f"{key}_std"] = mean, std
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg.output_dir / "seeds.json", json.dumps(summary, indent=2))
-    return out
