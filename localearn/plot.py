@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 from localearn.errors import UserError
@@ -97,18 +96,19 @@ def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_png(fig, out)
+
+
+def save_png(fig, out: Path) -> Path:
+    """Write a matplotlib figure to ``out`` as a PNG, atomically (a failed write leaves no half
+    PNG and is one `UserError` line), and close it."""
+    from localearn.engine.checkpoint import atomic_write_bytes
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:  # atomically: a failed write leaves no half PNG
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, out)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise UserError(f"could not write {out}: {exc.strerror or exc}") from None
+    out = Path(out)
+    atomic_write_bytes(out, buf.getvalue())
     return out

@@ -42,6 +42,7 @@ from localearn.analysis.features import (
 )
 from localearn.analysis.runs import DataInfo, TrainedRun
 from localearn.errors import UserError
+from localearn.plot import save_png
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -259,8 +260,4 @@ def plot_cka(results: Sequence[CKAResult], out: Path | str) -> Path:
         ax.legend(fontsize=6, loc="upper left")
         fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from localearn.analysis.runs import DataInfo, SplitNetwork, TrainedRun
 from localearn.errors import UserError
+from localearn.plot import save_png
 
 
 # ------------------------------------------------------------------------------ positions
@@ -283,8 +284,5 @@ def feature_maps(runs: Sequence[TrainedRun], out: Path | str, *, images: int = 4
     axes[0][0].set_title("input", fontsize=6)
     fig.suptitle("channel feature maps (each panel min-max scaled; red = high)", fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
+    save_png(fig, out)
     return stats

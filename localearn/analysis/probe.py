@@ -33,6 +33,7 @@ from tqdm import tqdm
 from localearn.analysis.features import Features, extract_features, make_loader, module_of
 from localearn.analysis.runs import TrainedRun, plain_train_split, subset
 from localearn.errors import UserError
+from localearn.plot import save_png
 
 
 @dataclass
@@ -160,8 +161,4 @@ def plot_probes(reports: Sequence[ProbeReport], out: Path | str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

@@ -29,6 +29,7 @@ import torch
 from localearn.analysis.features import batches, convert_inputs, make_loader
 from localearn.analysis.runs import TrainedRun, open_dataset
 from localearn.errors import UserError
+from localearn.plot import save_png
 
 #: names that mean the same class in different datasets, mapped to one spelling
 ALIASES = {"car": "automobile"}
@@ -184,8 +185,4 @@ def plot_transfer(result: TransferResult, out: Path | str) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

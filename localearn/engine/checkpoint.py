@@ -147,6 +147,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes."""
+    _atomic(path, lambda f: f.write(data))
+
+
 # ------------------------------------------------------------------------- finiteness
 def named_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in a nested dict/list (a state dict, an optimizer's), by path."""
