@@ -113,10 +113,11 @@ def _check_cpu_fp16() -> None:
 
 
 def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.device | None = None,
-              env: dist_.DistEnv | None = None) -> Run:
+              env: dist_.DistEnv | None = None, rule: UpdateRule | None = None) -> Run:
     """Build a run. With ``info`` no data is loaded (synthetic batches of that shape); else the
     dataset of ``cfg``. ``env`` is the process's place in a multi-process job (default: one
-    process); every rank starts from rank 0's weights."""
+    process); every rank starts from rank 0's weights. ``rule``: an already made rule (the
+    Python API's) in place of building ``cfg.rule``."""
     env = env or dist_.DistEnv()
     device = device or resolve_device(cfg.device)
     if cfg.precision == "16" and device.type == "cpu":
@@ -125,7 +126,7 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
         raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; "
                         "drop --sync-bn on CPU (BatchNorm statistics stay per rank)")
     seed_everything(cfg.seed)
-    rule = expr.build(cfg.rule)
+    rule = rule if rule is not None else expr.build(cfg.rule)
     data = None
     if info is None:
         data = load_data(cfg)

@@ -30,18 +30,45 @@ def distribution(ep: EntryPoint) -> str:
     return dist.name if dist is not None else "?"
 
 
+class SessionEntry:
+    """An object registered for this Python session (`register`), shaped like an entry point."""
+
+    dist = type("Session", (), {"name": "(this session)"})()
+
+    def __init__(self, name: str, obj: Any) -> None:
+        self.name, self.obj, self.value = name, obj, getattr(obj, "__qualname__", repr(obj))
+
+    def load(self) -> Any:
+        return self.obj
+
+
+#: objects registered in this session by kind; they take precedence over entry points
+_SESSION: dict[str, dict[str, SessionEntry]] = {kind: {} for kind in GROUPS}
+
+
+def register(kind: str, name: str, obj: Any) -> None:
+    """Register ``obj`` under ``name`` for this Python session (a notebook, a script), checked
+    as an entry point would be; it shadows an installed plugin of the same name."""
+    ok, want = _expected(kind)
+    if not ok(obj):
+        raise UserError(f"cannot register {obj!r} as {kind} {name!r}: expected {want}")
+    _SESSION[kind][name] = SessionEntry(name, obj)
+
+
 def available(kind: str) -> dict[str, EntryPoint]:
-    """Registered entry points of one kind (``rule``, ``model``, ``splitter``, ``dataset``).
+    """Registered entry points of one kind (``rule``, ``model``, ``splitter``, ``dataset``),
+    with this session's registrations (`register`) in place of any of the same name.
 
     Two distributions that register one name get a warning naming both; the first on
     ``sys.path`` wins, as for imports."""
-    found: dict[str, EntryPoint] = {}
+    found: dict[str, Any] = {}
     for ep in entry_points(group=GROUPS[kind]):
         first = found.setdefault(ep.name, ep)
         if first is not ep and distribution(first) != distribution(ep):
             warnings.warn(f"{kind} {ep.name!r} is registered by two distributions, "
                           f"{distribution(first)!r} and {distribution(ep)!r}; using "
                           f"{distribution(first)!r}'s", RuntimeWarning, stacklevel=2)
+    found.update(_SESSION[kind])
     return dict(sorted(found.items()))
 
 
