@@ -9,9 +9,13 @@ trainable parameters, and the `TrainStep` that owns precision, scaling and reduc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,6 +107,25 @@ def unique_trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
     return out
 
 
+@contextlib.contextmanager
+def plugin_failure(what: str) -> Iterator[None]:
+    """Turn an exception raised by plugin code into one `UserError` line: ``what`` failed,
+    the exception, and the line of plugin code that raised it (the innermost frame outside
+    torch). A `UserError` passes through: its line says what is wrong already."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        where = ""
+        torch_dir = str(Path(torch.__file__).parent)
+        ours = [f for f in traceback.extract_tb(exc.__traceback__)
+                if not f.filename.startswith(torch_dir)]
+        if ours:
+            where = f" (in {ours[-1].name}, {ours[-1].filename}:{ours[-1].lineno})"
+        raise UserError(f"{what}: {type(exc).__name__}: {exc}{where}") from None
+
+
 def _check_cpu_fp16() -> None:
     try:
         with torch.autocast("cpu", dtype=torch.float16):
@@ -126,13 +149,25 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
         raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; "
                         "drop --sync-bn on CPU (BatchNorm statistics stay per rank)")
     seed_everything(cfg.seed)
-    rule = rule if rule is not None else expr.build(cfg.rule)
+    if rule is None:
+        with plugin_failure(f"rule {cfg.rule!r} failed while being built (its __init__)"):
+            rule = expr.build(cfg.rule)
     data = None
     if info is None:
         data = load_data(cfg)
         info = data.info
-    net = build_network(cfg.model, cfg.k, rule, info.num_classes, info.input_shape, cfg.split)
-    aux = rule.setup(net, info)
+    who = f"rule {rule.expression!r} ({registry.plugin_name(rule)})"
+    with plugin_failure(f"{who} or model {cfg.model!r} failed while the network was cut "
+                        "(num_modules, configure)"):
+        net = build_network(cfg.model, cfg.k, rule, info.num_classes, info.input_shape,
+                            cfg.split)
+    with plugin_failure(f"{who} failed while building its auxiliary networks (setup, "
+                        "make_head: it gets the feature shape (C, H, W) at a module boundary "
+                        "and the DataInfo, and must return an AuxHead)"):
+        aux = rule.setup(net, info)
+        if not isinstance(aux, nn.Module):
+            raise UserError(f"setup returned {type(aux).__name__}, expected one nn.Module "
+                            "holding every auxiliary network (nn.ModuleList() for none)")
     if cfg.sync_bn and env.enabled:
         net = dist_.convert_sync_batchnorm(net)
         aux = dist_.convert_sync_batchnorm(aux)

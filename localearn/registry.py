@@ -125,3 +125,16 @@ def listing(kind: str) -> list[tuple[str, str]]:
 def providers(kind: str) -> dict[str, str]:
     """The distribution that provides each registered name of one kind."""
     return {name: distribution(ep) for name, ep in available(kind).items()}
+
+
+def plugin_name(obj: Any) -> str:
+    """How a plugin object is named in error messages: its class path, and the distribution
+    that registers it when an entry point does (``probe_rule.Probe, package 'probe-rule'``)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    value = f"{cls.__module__}:{cls.__qualname__}"
+    for kind in GROUPS:
+        for ep in entry_points(group=GROUPS[kind]):
+            if ep.value == value:
+                return f"{path}, package {distribution(ep)!r}"
+    return path

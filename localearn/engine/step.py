@@ -72,12 +72,32 @@ def run_rule(rule: UpdateRule, ctx: EngineContext, net: SplitNetwork, images: Te
     """``rule.train_step`` with the context; a legacy rule gets it lent for its
     ``self.backward`` / ``self.notify_grads_ready`` calls."""
     if not legacy:
-        return rule.train_step(ctx, net, images, targets)
+        return check_step_result(rule, rule.train_step(ctx, net, images, targets), targets)
     rule._legacy_ctx = ctx
     try:
-        return rule.train_step(net, images, targets)  # type: ignore[call-arg]
+        result = rule.train_step(net, images, targets)  # type: ignore[call-arg]
     finally:
         rule._legacy_ctx = None
+    return check_step_result(rule, result, targets)
+
+
+def check_step_result(rule: UpdateRule, result: object, targets: Tensor) -> StepResult:
+    """``result`` when it is a `StepResult` whose logits are one row per image; else a
+    one-line `UserError` naming the rule and what ``train_step`` must return."""
+    from localearn.registry import plugin_name
+
+    who = f"rule {rule.expression!r} ({plugin_name(rule)})"
+    want = ("localearn.StepResult(loss=..., logits=..., local_losses=[...]) holding detached "
+            "tensors")
+    if not isinstance(result, StepResult):
+        raise UserError(f"{who}: train_step returned {type(result).__name__}, expected a "
+                        f"{want}")
+    logits = result.logits
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or len(logits) != len(targets):
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise UserError(f"{who}: train_step's StepResult.logits is {got}, expected the final "
+                        f"classifier's logits, a tensor of shape ({len(targets)}, classes)")
+    return result
 
 
 def step_stats(result: StepResult, targets: Tensor) -> Tensor:
