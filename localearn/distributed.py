@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -95,10 +96,12 @@ def init_process_group(env: DistEnv, device: torch.device) -> bool:
     """Join the job's process group (NCCL on GPUs, Gloo on CPUs); True if this call made it."""
     if not env.enabled or dist.is_initialized():
         return False
+    # a process that stops leaves the others waiting at most this long (LOCALEARN_TIMEOUT, s)
+    timeout = timedelta(seconds=float(os.environ.get("LOCALEARN_TIMEOUT", "1800")))
     if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return True
 
 
@@ -113,7 +116,7 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
-def average_buffers(module: nn.Module, world_size: int) -> None:
+def average_buffers(module: nn.Module, world_size: int, group: Any = None) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) across ranks.
 
     The running mean is linear in the batch means, so averaging it at any time gives what
@@ -123,7 +126,7 @@ def average_buffers(module: nn.Module, world_size: int) -> None:
     if not bufs or world_size == 1:
         return
     flat = torch.cat([b.reshape(-1).float() for b in bufs])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     flat /= world_size
     offset = 0
     for b in bufs:
@@ -201,9 +204,10 @@ class GradReducer:
     """
 
     def __init__(self, params: Iterable[nn.Parameter], world_size: int,
-                 bucket_mb: float = 25.0) -> None:
+                 bucket_mb: float = 25.0, group: Any = None) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.world_size = world_size
+        self.group = group  # None: every process (a pipelined run: the stage's replicas)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._pending: list[tuple[Any, Tensor, list[nn.Parameter], list[tuple[Tensor, int]]]] = []
         self._done: set[int] = set()
@@ -240,7 +244,7 @@ class GradReducer:
     def _send(self, bucket: list[nn.Parameter]) -> None:
         grads = [p.grad for p in bucket]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        handle = dist.all_reduce(flat, async_op=True)
+        handle = dist.all_reduce(flat, async_op=True, group=self.group)
         # remember which gradient tensor and version was sent, to catch a rule that changes a
         # gradient after announcing it
         self._pending.append((handle, flat, bucket, [(g, g._version) for g in grads]))

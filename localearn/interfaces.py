@@ -319,13 +319,20 @@ class LocalRule(UpdateRule):
         """Yield ``(loss_i, output_i)`` module by module; the caller back-propagates each loss
         before asking for the next (module i's input is detached)."""
         x = images
-        for i, module in enumerate(net.local_modules):
-            out = module(x.detach())
-            if i < net.k - 1:
-                yield self.heads[i].loss(out, targets, images), out
-            else:
-                yield nn.functional.cross_entropy(out, targets), out
-            x = out
+        for i in range(net.k):
+            loss, x = self.module_loss(net, i, x, images, targets)
+            yield loss, x
+
+    def module_loss(self, net: SplitNetwork, index: int, x: Tensor, images: Tensor,
+                    targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Module ``index`` on the detached ``x`` (the previous module's output, or the
+        images): ``(its loss, its output)``. The head's loss for index < K-1, cross-entropy on
+        the backbone's logits for the last. Pipelined training (``--stages``) calls this for
+        the modules of each stage."""
+        out = net.local_modules[index](x.detach())
+        if index < net.k - 1:
+            return self.heads[index].loss(out, targets, images), out
+        return nn.functional.cross_entropy(out, targets), out
 
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:

@@ -1,0 +1,434 @@
+"""Pipelined training: the K local modules in N contiguous stages, one process (or D data-parallel
+processes) per stage, every stage training at the same time on a different batch.
+
+Stage s runs batch t's forward through its modules while stage s+1 runs batch t-1: the output of
+a stage's last module (with the batch's images and targets) goes to the next stage by
+point-to-point send as soon as it is computed, before that module's own backward pass. Nothing
+comes back: a purely local rule's modules need no gradient from later ones. Module i at step t
+thus sees the output of module i-1 after t-1 updates, exactly as in a one-process run, so a
+pipelined run of a `LocalRule` (dgl, infopro, linear and any third-party rule built on it) is
+the same computation, bitwise on one thread per process.
+
+Each stage steps the optimizer on its own parameters only (the others have no gradient, and SGD
+leaves a parameter without one untouched). Every process holds the whole network; `sync` makes
+every copy current (each stage's parameters, buffers and optimizer state broadcast from it) before
+evaluation and checkpoints, so those, and resume, work as for a one-process run.
+
+The step's statistics are summed over all processes with a non-blocking all-reduce and read
+``lag`` steps later (a blocking one would make every stage wait for the last at every step):
+the progress bar is that many steps behind, `drain` collects the rest at the end of an epoch and
+before a checkpoint, and a stop asked for on any process is seen by all at the same step. A stage
+whose loss is not finite does not step its optimizer; the verdict reaches every stage ``lag``
+steps later and all stop, no checkpoint being written after it.
+
+Ranks are laid out stage-major: rank = stage * D + replica (rank 0 is stage 0, replica 0).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from localearn import distributed as dist_
+from localearn.errors import UserError
+from localearn.interfaces import LocalRule, SplitNetwork, UpdateRule
+
+#: dtypes an activation may travel in (the code is the header's last field)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+HEADER = 8  # int64 fields: batch, ndim, shape (up to 5 dims), dtype code
+
+
+class StageLost(UserError):
+    """Another process of a pipelined job stopped (or could not be reached)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a process stands: ``stages`` x ``replicas`` processes, rank = stage * D + replica."""
+
+    stages: int
+    replicas: int
+    rank: int
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.replicas
+
+    @property
+    def replica(self) -> int:
+        return self.rank % self.replicas
+
+    def rank_of(self, stage: int, replica: int | None = None) -> int:
+        return stage * self.replicas + (self.replica if replica is None else replica)
+
+
+def layout_of(stages: int, env: dist_.DistEnv) -> Layout:
+    if not env.enabled:
+        raise UserError(f"--stages {stages} runs one process per stage: start it with "
+                        f"`localearn fit --stages {stages}` (torchrun underneath), or under "
+                        f"torchrun with a multiple of {stages} processes")
+    if env.world_size % stages:
+        raise UserError(f"--stages {stages} needs a multiple of {stages} processes; the job "
+                        f"has {env.world_size}")
+    return Layout(stages, env.world_size // stages, env.rank)
+
+
+# ----------------------------------------------------------------------------- stage cuts
+
+
+def parse_stage_cuts(text: str, k: int, stages: int) -> list[int]:
+    """``"4,9"``: the modules where stages 1.. start (strictly increasing, within 1..K-1, one
+    fewer than the stages)."""
+    try:
+        cuts = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise UserError(f"invalid --stage-cuts {text!r}: expected module indices where stages "
+                        "1.. start, e.g. 4,9") from None
+    if len(cuts) != stages - 1:
+        raise UserError(f"invalid --stage-cuts {text!r}: {stages} stages need {stages - 1} "
+                        f"cut(s), got {len(cuts)}")
+    if any(b <= a for a, b in zip([0, *cuts], [*cuts, k])):
+        raise UserError(f"invalid --stage-cuts {text!r}: cuts must increase strictly within "
+                        f"1..{k - 1} (K={k}), so every stage has at least one module")
+    return cuts
+
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """Contiguous groups of modules with the smallest largest-group cost; the modules where
+    groups 1.. start."""
+    k = len(costs)
+    if not 1 <= stages <= k:
+        raise ValueError(f"cannot make {stages} stages of {k} modules")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: smallest max cost splitting modules 0..i-1 into s groups; cut[s][i]: its last
+    # group's start
+    best = [[inf] * (k + 1) for _ in range(stages + 1)]
+    cut = [[0] * (k + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, k + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    starts, i = [], k
+    for s in range(stages, 0, -1):
+        i = cut[s][i]
+        starts.append(i)
+    return sorted(starts)[1:]
+
+
+def module_costs(rule: LocalRule, net: SplitNetwork, batch: int = 2) -> list[float]:
+    """FLOPs of each module's forward and backward, its head's included (FlopCounterMode on
+    copies, so nothing of the run changes)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    costs = []
+    device = next(net.parameters()).device
+    x = torch.zeros(batch, *net.input_shape, device=device)
+    targets = torch.zeros(batch, dtype=torch.long, device=device)
+    images = x
+    for i, module in enumerate(net.local_modules):
+        parts = [copy.deepcopy(module)]
+        if i < len(rule.heads):
+            parts.append(copy.deepcopy(rule.heads[i]))
+        with FlopCounterMode(display=False) as counter:
+            out = parts[0](x)
+            loss = parts[1].loss(out, targets, images) if len(parts) > 1 else out.sum()
+            loss.backward()
+        costs.append(float(counter.get_total_flops()) or 1.0)
+        x = out.detach()
+    return costs
+
+
+def stage_ranges(starts: list[int], k: int) -> list[range]:
+    bounds = [0, *starts, k]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def check_pipelinable(rule: UpdateRule, k: int, stages: int) -> LocalRule:
+    if not isinstance(rule, LocalRule) or type(rule).train_step is not LocalRule.train_step \
+            or type(rule).losses is not LocalRule.losses:
+        raise UserError(f"--stages trains rules whose step is LocalRule's (dgl, infopro, "
+                        f"linear and rules built on LocalRule.module_loss); {rule.expression} "
+                        "is not one; train it with --stages 1")
+    if k < stages:
+        raise UserError(f"--stages {stages} needs at least {stages} local modules; "
+                        f"{rule.expression} trains K={k}")
+    return rule
+
+
+def _send_tensors(tensors: list[Tensor], dst: int) -> list[Any]:
+    return [dist.isend(t, dst) for t in tensors]
+
+
+class PipelineStep:
+    """The engine's step for one stage of a pipelined run (replaces `TrainStep`)."""
+
+    def __init__(self, rule: LocalRule, net: SplitNetwork, aux: nn.Module,
+                 optimizer: torch.optim.Optimizer, device: torch.device, layout: Layout,
+                 starts: list[int], precision: str = "32") -> None:
+        from localearn.engine.step import EngineContext
+
+        self.rule, self.net, self.aux, self.optimizer = rule, net, aux, optimizer
+        self.device, self.layout, self.precision = device, layout, precision
+        self.starts = starts
+        self.ranges = stage_ranges(starts, net.k)
+        self.mine = self.ranges[layout.stage]
+        self.first = layout.stage == 0
+        self.last = layout.stage == layout.stages - 1
+        self.lag = layout.stages
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
+        # groups: every process makes every group, in the same order
+        self.groups = [dist.new_group([layout.rank_of(s, r) for r in range(layout.replicas)])
+                       for s in range(layout.stages)] if layout.replicas > 1 else []
+        group = self.groups[layout.stage] if self.groups else None
+        owned = self.owned_params(layout.stage)
+        self.reducer = dist_.GradReducer(owned, layout.replicas, group=group) \
+            if layout.replicas > 1 else None
+        self.ctx = EngineContext(self.scaler, self.reducer)
+        self.stop_vote = False
+        self.stop_requested = False
+        self._stats: deque[tuple[Any, Tensor]] = deque()
+        self._sends: deque[Any] = deque()
+        self.waited = 0.0  # seconds spent blocked on other stages
+        self.busy = 0.0  # seconds in steps
+
+    # -- which module owns what
+    def owned_modules(self, stage: int) -> list[nn.Module]:
+        out: list[nn.Module] = []
+        for i in self.ranges[stage]:
+            out.append(self.net.local_modules[i])
+            if i < len(self.rule.heads):
+                out.append(self.rule.heads[i])
+        return out
+
+    def owned_params(self, stage: int) -> list[nn.Parameter]:
+        return [p for m in self.owned_modules(stage) for p in m.parameters() if p.requires_grad]
+
+    # -- communication
+    def _peer(self, stage: int) -> int:
+        return self.layout.rank_of(stage)
+
+    def _lost(self, exc: Exception, what: str) -> StageLost:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StageLost(f"stage {self.layout.stage} (rank {self.layout.rank}) lost its peer "
+                         f"while {what} ({first[:160]}): another process of this pipelined job "
+                         "stopped; every stage stops")
+
+    def _receive(self, batch_shape_hint: int) -> tuple[Tensor, Tensor, Tensor]:
+        src = self._peer(self.layout.stage - 1)
+        header = torch.zeros(HEADER, dtype=torch.long)
+        start = time.perf_counter()
+        try:
+            dist.recv(header, src)
+            ndim, dtype = int(header[1]), DTYPES[int(header[-1])]
+            shape = [int(v) for v in header[2:2 + ndim]]
+            x = torch.empty(shape, dtype=dtype, device=self.device)
+            images = torch.empty(int(header[0]), *self.net.input_shape, device=self.device)
+            targets = torch.empty(int(header[0]), dtype=torch.long, device=self.device)
+            for t in (x, images, targets):
+                dist.recv(t, src)
+        except RuntimeError as exc:
+            raise self._lost(exc, "receiving activations") from None
+        self.waited += time.perf_counter() - start
+        return x, images, targets
+
+    def _send(self, x: Tensor, images: Tensor, targets: Tensor) -> None:
+        dst = self._peer(self.layout.stage + 1)
+        x = x.detach().contiguous()
+        header = torch.zeros(HEADER, dtype=torch.long)
+        header[0], header[1] = len(targets), x.dim()
+        header[2:2 + x.dim()] = torch.tensor(x.shape)
+        header[-1] = DTYPES.index(x.dtype)
+        try:
+            self._sends.append(_send_tensors([header, x, images.contiguous(), targets], dst))
+            while len(self._sends) > self.lag:  # bounded: at most `lag` batches in flight
+                for work in self._sends.popleft():
+                    work.wait()
+        except RuntimeError as exc:
+            raise self._lost(exc, "sending activations") from None
+
+    # -- one step
+    def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
+        from localearn.engine.step import autocast
+
+        began = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.reducer is not None:
+            self.reducer.start()
+        if self.first:
+            x = images
+        else:
+            x, images, targets = self._receive(len(targets))
+        local: dict[int, Tensor] = {}
+        loss = logits = None
+        with autocast(self.device, self.precision):
+            for i in self.mine:
+                loss, out = self.rule.module_loss(self.net, i, x, images, targets)
+                if i == self.mine[-1] and not self.last:
+                    self._send(out, images, targets)  # before this module's backward
+                self.ctx.backward(loss)
+                params = list(self.net.local_modules[i].parameters())
+                if i < len(self.rule.heads):
+                    params += list(self.rule.heads[i].parameters())
+                    local[i] = loss.detach()
+                self.ctx.grads_ready(params)
+                x, logits = out, out
+        if self.reducer is not None:
+            self.reducer.finish()
+        stats = self._stats_vector(local, loss, logits, targets)
+        bad = stats[-2] > 0
+        if self.layout.replicas > 1:  # the replicas of a stage agree whether to step
+            flag = stats[-2:-1].clone()
+            dist.all_reduce(flag, group=self.groups[self.layout.stage])
+            bad = bool(flag.item() > 0)
+        if not bad:
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.rule.after_step()
+        try:
+            self._stats.append((dist.all_reduce(stats, async_op=True), stats))
+        except RuntimeError as exc:
+            raise self._lost(exc, "summing statistics") from None
+        self.busy += time.perf_counter() - began
+        if len(self._stats) <= self.lag:
+            return [0.0] * (len(stats) - 2)
+        return self._read(*self._stats.popleft())
+
+    def _stats_vector(self, local: dict[int, Tensor], loss: Tensor | None,
+                      logits: Tensor | None, targets: Tensor) -> Tensor:
+        """``[loss*n, correct, n, local_0*n .. local_{K-2}*n, non-finite, stop]``, this
+        stage's entries filled, the others zero."""
+        k = self.net.k
+        v = torch.zeros(3 + (k - 1) + 2, dtype=torch.float64, device=self.device)
+        n = float(len(targets))
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, value in local.items():
+            v[3 + i] = value.double() * n
+            bad += (~torch.isfinite(value)).double()
+        if self.last and loss is not None and logits is not None:
+            v[0] = loss.detach().double() * n
+            v[1] = (logits.argmax(1) == targets).sum().double()
+            v[2] = n
+            bad += (~torch.isfinite(loss.detach())).double()
+        v[-2] = bad
+        v[-1] = float(self.stop_vote)
+        return v
+
+    def _read(self, work: Any, stats: Tensor) -> list[float]:
+        from localearn.engine.step import NonFiniteLoss
+
+        start = time.perf_counter()
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            raise self._lost(exc, "summing statistics") from None
+        self.waited += time.perf_counter() - start
+        totals = stats.tolist()
+        self.stop_requested = self.stop_requested or totals.pop() > 0
+        if totals.pop():
+            raise NonFiniteLoss(float("nan"))
+        return totals
+
+    def drain(self) -> list[float] | None:
+        """The summed statistics of the steps not read yet (None if there are none); waits for
+        every activation in flight."""
+        sums: list[float] | None = None
+        while self._stats:
+            totals = self._read(*self._stats.popleft())
+            sums = totals if sums is None else [a + b for a, b in zip(sums, totals)]
+        try:
+            while self._sends:
+                for work in self._sends.popleft():
+                    work.wait()
+        except RuntimeError as exc:
+            raise self._lost(exc, "sending activations") from None
+        return sums
+
+    # -- make every process's copy whole
+    def sync(self) -> None:
+        """Every process gets each stage's parameters, buffers and optimizer state from that
+        stage's first replica (BatchNorm statistics averaged over the stage's replicas
+        first)."""
+        try:
+            if self.layout.replicas > 1:
+                group = self.groups[self.layout.stage]
+                for m in self.owned_modules(self.layout.stage):
+                    dist_.average_buffers(m, self.layout.replicas, group=group)
+            for stage in range(self.layout.stages):
+                self._broadcast_stage(stage)
+        except RuntimeError as exc:
+            raise self._lost(exc, "bringing the stages' weights together") from None
+
+    def _broadcast_stage(self, stage: int) -> None:
+        src = self.layout.rank_of(stage, 0)
+        mine = self.layout.rank == src
+        modules = self.owned_modules(stage)
+        params = [p for m in modules for p in m.parameters()]
+        tensors = [t.data for m in modules for t in [*m.parameters(), *m.buffers()]]
+        # the optimizer's per-parameter state: names and plain values travel as an object
+        keys = None
+        if mine:
+            keys = [{name: (tuple(v.shape), v.dtype) if isinstance(v, Tensor) else v
+                     for name, v in self.optimizer.state.get(p, {}).items()} for p in params]
+        box = [keys]
+        dist.broadcast_object_list(box, src)
+        keys = box[0]
+        for p, entry in zip(params, keys):
+            state = self.optimizer.state[p] if entry else None
+            for name, value in entry.items():
+                if isinstance(value, tuple) and len(value) == 2 and \
+                        isinstance(value[1], torch.dtype):
+                    if not mine:
+                        state[name] = torch.empty(value[0], dtype=value[1], device=p.device)
+                    tensors.append(state[name])
+                elif not mine:
+                    state[name] = value
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group]) if mine else \
+                torch.empty(sum(t.numel() for t in group), dtype=group[0].dtype,
+                            device=group[0].device)
+            dist.broadcast(flat, src)
+            if not mine:
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+    def idle_fraction(self) -> float:
+        return self.waited / self.busy if self.busy else 0.0
+
+
+def pipeline_step(cfg: Any, rule: UpdateRule, net: SplitNetwork, aux: nn.Module,
+                  optimizer: torch.optim.Optimizer, device: torch.device,
+                  env: dist_.DistEnv) -> PipelineStep:
+    """The `PipelineStep` of this process for ``cfg.stages`` stages (cut by ``cfg.stage_cuts``
+    or balanced by FLOPs)."""
+    layout = layout_of(cfg.stages, env)
+    local = check_pipelinable(rule, net.k, cfg.stages)
+    if cfg.stage_cuts:
+        starts = parse_stage_cuts(cfg.stage_cuts, net.k, cfg.stages)
+    else:
+        starts = balance(module_costs(local, net), cfg.stages)
+    return PipelineStep(local, net, aux, optimizer, device, layout, starts, cfg.precision)
