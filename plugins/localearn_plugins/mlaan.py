@@ -194,6 +194,8 @@ class MLAAN(UpdateRule):
         self.leap_table = parse_leaps(leaps) if leaps and not self.public_leaps else {}
         self.cascades: list[int] = []  # the module that ends each cascade, set by `setup`
         self.trace: list[str] = []  # names of the loss being back-propagated (for tests)
+        # not an option: a subclass without independent heads (MAN) sets it False
+        self.independent = True
 
     def cascade_ends(self, num_modules: int) -> list[int]:
         """The modules that end a cascade (and so have a cascade head and a LAM): k-1..K-2 as
@@ -223,7 +225,7 @@ class MLAAN(UpdateRule):
         table = self._leap_table(net)
         self.blocks: list[list[int]] = []
         heads = nn.ModuleList(self.base.make_head(i, K, net.feature_shapes[i], info)
-                              for i in range(K - 1))
+                              for i in range(K - 1) if self.independent)
         cascade_heads, copies = nn.ModuleList(), nn.ModuleList()
         twins = nn.ModuleDict()
         for i in self.cascades:
@@ -296,6 +298,10 @@ class MLAAN(UpdateRule):
                 z = _leap(block, twin, z)
         return z
 
+    def lam_parameters(self, c: int) -> list[nn.Parameter]:
+        """The trained parameters of cascade c's LAM (its copies), final after its loss."""
+        return list(self.copies[c].parameters())
+
     def after_step(self) -> None:
         """EMA: ``twin = r * twin + (1 - r) * real`` for every twin, after every step."""
         with torch.no_grad():
@@ -336,24 +342,26 @@ class MLAAN(UpdateRule):
             outs.append(None if self.recompute else o)
             leaf = o.detach().requires_grad_()
             if i < K - 1:
-                indep = self.heads[i].loss(leaf, targets, images)
-                pending[i] = self._head_grad(f"independent {i}", self.wx * indep, leaf)
-                if not self.fuse:  # its own backward through module i, for tracing
+                indep = leaf.new_zeros(())  # stays 0 without independent heads (MAN)
+                own = list(self.heads[i].parameters()) if self.independent else []
+                if self.independent:
+                    indep = self.heads[i].loss(leaf, targets, images)
+                    pending[i] = self._head_grad(f"independent {i}", self.wx * indep, leaf)
+                if self.independent and not self.fuse:  # its own backward, for tracing
                     self._backward_module(net, f"independent {i}", i, pending[i], False, False,
                                           ins, outs)
                     pending[i] = None
                 c = self._position.get(i)
                 if c is None:  # ends no cascade: the independent loss alone, module i waits
-                    ctx.grads_ready(list(self.heads[i].parameters()))
+                    ctx.grads_ready(own)
                     local.append((self.wx * indep).detach())
                     x = o.detach()
                     continue
                 leaf = o.detach().requires_grad_()
                 cascade = self.cascade_heads[c].loss(self.lam_forward(i, leaf), targets, images)
                 grad = self._head_grad(f"cascade {i}", self.wy * cascade, leaf)
-                ctx.grads_ready([*self.heads[i].parameters(),
-                                 *self.cascade_heads[c].parameters(),
-                                 *self.copies[c].parameters()])
+                ctx.grads_ready([*own, *self.cascade_heads[c].parameters(),
+                                 *self.lam_parameters(c)])
                 local.append((self.wx * indep + self.wy * cascade).detach())
                 self._route(net, f"cascade {i}", i, grad, ins, outs, pending)
             else:
