@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     from localearn.analysis.cli import add_commands as add_analysis_commands
 
     add_analysis_commands(sub)  # analyze probe|cka|features, evaluate
+    from localearn.cli import data, table
+
+    data.add_commands(sub)  # data cifar10-shards
+    table.add_commands(sub)  # table DIR
     return parser
 
 

@@ -1,0 +1,203 @@
+"""``localearn table DIR``: train every preset in a folder once per seed and print one markdown
+table of the mean and spread of the last and best test accuracy.
+
+Each run has its own folder, ``OUT/<preset>/seed-N`` (the layout of ``fit --seeds``, with a
+``seeds.json`` per preset), so the command is resumable: a finished run is read back, not
+trained again; an unfinished one (interrupted, with a checkpoint) is resumed; a run folder
+made with other settings is refused rather than mixed into the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localearn.errors import UserError
+
+PRESET_SUFFIXES = (".toml", ".yaml", ".yml")
+#: settings that do not change what a run computes: two runs differing only in these agree
+NOT_RESULTS = ("output_dir", "overwrite", "progress", "resume", "seeds", "workers", "log_every",
+               "checkpoint_every", "keep_checkpoints", "tensorboard", "device", "allow_pipe")
+#: flags passed to every preset (to shorten a table for a quick look, or point at the data)
+OVERRIDES = {"epochs": int, "train_limit": int, "test_limit": int, "batch_size": int,
+             "data_dir": Path, "device": str, "workers": int}
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "table", help="run every preset in a folder over seeds; print a markdown table",
+        description="Train every preset config (*.toml, *.yaml) under DIR once per seed, into "
+                    "OUT/<preset>/seed-N, and print one markdown table of the mean and "
+                    "sample standard deviation of the last and best test accuracy. Rerun the "
+                    "same command after an interruption: finished runs are skipped, "
+                    "unfinished ones resumed.")
+    p.add_argument("presets", type=Path, metavar="DIR", help="folder of preset configs")
+    p.add_argument("--seeds", default="0,1,2", metavar="A,B,...",
+                   help="seeds of each preset's repeats (default: 0,1,2)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the runs go (default: runs/table-<DIR's name>)")
+    for name, kind in OVERRIDES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       metavar="PATH" if kind is Path else "N" if kind is int else "NAME",
+                       help=f"{name.replace('_', ' ')} for every preset")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    p.set_defaults(func=table_command)
+
+
+@dataclass
+class Row:
+    """One preset's repeats: the settings and each seed's last and best test accuracy."""
+
+    preset: str
+    rule: str
+    model: str
+    dataset: str
+    last: list[float]
+    best: list[float]
+
+
+def find_presets(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"preset folder {folder} does not exist")
+    found = sorted(p for p in folder.rglob("*") if p.suffix in PRESET_SUFFIXES and p.is_file())
+    if not found:
+        raise UserError(f"no preset configs (*.toml, *.yaml) under {folder}")
+    return found
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas (got {text!r})") \
+            from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name one or more different seeds (got {text!r})")
+    return seeds
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_RESULTS}
+
+
+def finished_result(run_dir: Path) -> tuple[float, float]:
+    """The last and best test accuracy of a finished run, from its ``summary.json`` (or, for
+    a summary without them, from ``metrics.jsonl``)."""
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+        return float(s["last_test_acc"]), float(s["best_test_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+        accs = [float(r["test_acc"]) for r in rows if "test_acc" in r]
+        return accs[-1], max(accs)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"{run_dir} holds a finished run whose results cannot be read "
+                        f"({type(exc).__name__}); delete that folder to train it again") \
+            from None
+
+
+def check_same_settings(run_dir: Path, cfg: Any) -> None:
+    """Refuse a run folder made with other settings than ``cfg`` (its ``config.json``)."""
+    path = run_dir / "config.json"
+    try:
+        saved = comparable(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return  # no settings saved: nothing to compare
+    now = comparable(cfg.model_dump(mode="json"))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        k = diff[0]
+        raise UserError(f"{run_dir} holds a run made with other settings ({k} "
+                        f"{saved.get(k)!r}, now {now.get(k)!r}); pick another --out, or "
+                        "delete that folder")
+
+
+def run_one(cfg: Any) -> tuple[float, float, str]:
+    """Train, resume or read back the run in ``cfg.output_dir``: its last and best test
+    accuracy and what was done (``trained``, ``resumed`` or ``finished``)."""
+    from localearn.engine import checkpoint, fit
+
+    out = cfg.output_dir
+    held = checkpoint.held_run(out) if out.is_dir() else None
+    if held is not None:
+        check_same_settings(out, cfg)
+    if held is not None and held[0] == "finished":
+        return (*finished_result(out), "finished")
+    action = "trained"
+    if held is not None:  # unfinished: its newest checkpoint continues
+        cfg = cfg.model_copy(update={"resume": "latest"})
+        action = "resumed"
+    result = fit(cfg)
+    return result.test_acc, result.best_test_acc, action
+
+
+def spread(values: list[float]) -> str:
+    """``mean ± sample std`` in percent (std 0 for one run)."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def markdown(rows: list[Row], seeds: list[int]) -> str:
+    head = ("| preset | rule | model | dataset | seeds | last test acc (%) "
+            "| best test acc (%) |\n|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r.preset} | `{r.rule}` | {r.model} | {r.dataset} | "
+        f"{','.join(str(s) for s in seeds)} | {spread(r.last)} | {spread(r.best)} |\n"
+        for r in rows)
+    return head + body
+
+
+def run_table(folder: Path, seeds: list[int], out: Path,
+              overrides: dict[str, Any] | None = None, progress: bool = True) -> list[Row]:
+    """Every preset under ``folder`` over ``seeds``, into ``out``; one `Row` per preset (each
+    preset's ``seeds.json`` written beside its seed folders)."""
+    from localearn.config import make_config
+    from localearn.engine.checkpoint import atomic_write_text
+
+    presets = find_presets(folder)
+    rows = []
+    for path in presets:
+        name = path.relative_to(folder).with_suffix("").as_posix()
+        last, best = [], []
+        for seed in seeds:
+            try:
+                cfg = make_config(path, **(overrides or {}), seed=seed, seeds=None,
+                                  progress=progress, output_dir=out / name / f"seed-{seed}")
+            except UserError as exc:
+                raise UserError(f"preset {path}: {exc}") from None
+            acc, best_acc, action = run_one(cfg)
+            print(f"{name} seed {seed}: {action}, last {acc:.2%}, best {best_acc:.2%}",
+                  flush=True)
+            last.append(acc)
+            best.append(best_acc)
+        rows.append(Row(name, cfg.rule, cfg.model, cfg.dataset, last, best))
+        summary = {"seeds": seeds, "test_acc": last, "best_test_acc": best}
+        for key, values in (("test_acc", last), ("best_test_acc", best)):
+            summary[f"{key}_mean"] = statistics.fmean(values)
+            summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        atomic_write_text(out / name / "seeds.json", json.dumps(summary, indent=2))
+    return rows
+
+
+def table_command(args: argparse.Namespace) -> int:
+    seeds = parse_seeds(args.seeds)
+    out = args.out or Path("runs") / f"table-{args.presets.resolve().name}"
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    rows = run_table(args.presets, seeds, out, overrides, progress=args.progress)
+    text = markdown(rows, seeds)
+    from localearn.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "table.md", text)
+    print()
+    print(text, end="")
+    print(f"\nwrote {out / 'table.md'} (mean ± sample standard deviation over the seeds)")
+    return 0
