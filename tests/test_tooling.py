@@ -181,3 +181,63 @@ def test_table_refuses_a_file_that_is_not_a_training_preset(tmp_path, capsys):
 def test_table_checks_seeds(tmp_path, capsys, seeds):
     assert main(["table", str(ROOT / "examples" / "configs"), "--seeds", seeds]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- profiler: private path, fallback
+def peak_phases_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "mlaan_peak_phases", ROOT / "examples" / "mlaan_peak_phases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def profiled_phases():
+    """A profiled piece of work whose peak (16 MB live: two 8 MB tensors) falls in the phase
+    'big', between two small phases."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("phase: small before"):
+            a = torch.ones(1000)
+        with record_function("phase: big"):
+            b = torch.ones(2_000_000)
+            c = b * 2
+            del b, c
+        with record_function("phase: small after"):
+            d = a + 1
+    del a, d
+    return prof
+
+
+class NoKineto:
+    """A finished profile whose private Kineto results are gone (a torch release moved them);
+    the public API still answers."""
+
+    def __init__(self, prof):
+        self.profiler = object()
+        self.events = prof.events
+
+
+def test_peak_phases_uses_the_profilers_private_results_while_they_work():
+    example = peak_phases_example()
+    memory, phases, source = example.timeline(profiled_phases())
+    assert source == "kineto_results", (
+        "torch's private profiler results (prof.profiler.kineto_results) no longer work: "
+        "examples/mlaan_peak_phases.py now runs on its coarser public fallback "
+        "(prof.events()); update kineto_timeline or drop it")
+    peak, inside = example.peak_phase(memory, phases)
+    assert 16_000_000 <= peak < 16_100_000 and inside == ["phase: big"]
+
+
+def test_peak_phases_falls_back_to_the_public_events():
+    example = peak_phases_example()
+    memory, phases, source = example.timeline(NoKineto(profiled_phases()))
+    assert source == "events"
+    assert [name for _, _, name in phases] == ["phase: small before", "phase: big",
+                                               "phase: small after"]
+    peak, inside = example.peak_phase(memory, phases)
+    assert 16_000_000 <= peak < 16_100_000 and inside == ["phase: big"]
