@@ -263,3 +263,16 @@ def test_trains_on_digits_above_90_percent(tmp_path):
                       progress=False, output_dir=tmp_path, device="cpu")
     result = fit(cfg)
     assert result.test_acc > 0.90, result.history
+
+
+@pytest.mark.parametrize("model,K,d", [("resnet32", 16, 2), ("resnet110", 55, 3)])
+def test_presets_hold_the_public_settings(model, K, d):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples/configs/auglocal"
+    cfg = make_config(path / f"cifar10-{model}.toml")
+    assert (cfg.rule, cfg.model, cfg.k, cfg.split) == (f"auglocal(d={d}, tau=0.5)", model, K,
+                                                       "even")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+            cfg.warmup_epochs, cfg.warmup_lr, cfg.seed) == (400, 1024, 0.8, 0.9, True, 1e-4, 10,
+                                                            0.01, 1234)
