@@ -60,9 +60,11 @@ class FitConfig(BaseModel):
         None, description="repeat the run once per seed (e.g. 0,1,2), each in OUTPUT_DIR/seed-N, "
         "and report the mean and spread of the last and best test accuracy")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
-    output_dir: Path = Field(Path("runs/latest"), description="where metrics and checkpoints go")
+    output_dir: Path | None = Field(
+        None, description="the run's folder (also --out); default: a new folder "
+        "runs/<date>-<time>-<rule>-<model>-k<K> per run")
     overwrite: bool = Field(False, description="let a new run replace the finished (or "
-                                               "unfinished) run in --output-dir")
+                                               "unfinished) run in --out")
     progress: bool = Field(True, description="show a progress bar")
     # engine: precision, speed, checkpoints, logs, distribution (docs/engine.md)
     precision: Literal["32", "bf16", "16"] = Field(

@@ -14,19 +14,110 @@ the validated settings, and ``RUN_DIR/tb/`` TensorBoard events when asked. ``loc
 is module i's auxiliary loss; ``train_loss`` is the last module's (the network's own
 classifier). ``peak_mem_mb`` is the peak GPU memory allocated by torch on CUDA and the peak
 resident memory of the process on CPU. Only rank 0 writes.
+
+What a run says on the console goes through the ``localearn`` logger (`LOGGER`, rank 0 only):
+`console_logging` sends it to stdout (warnings to stderr) unless the caller has set up logging
+of their own, so a notebook or script can silence or redirect it with the `logging` module.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import platform
 import resource
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from localearn.errors import UserError
+
+#: the logger every console message of a run goes through
+LOGGER = logging.getLogger("localearn")
+
+
+class ConsoleHandler(logging.Handler):
+    """Records as plain lines: information on stdout, warnings and errors on stderr as
+    ``localearn: warning: ...``. The streams are looked up per record, so a redirected
+    ``sys.stdout`` (a notebook cell, a test's capture) receives them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                stream, text = sys.stderr, f"localearn: {record.levelname.lower()}: {text}"
+            else:
+                stream = sys.stdout
+            stream.write(text + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def console_logging(*, force: bool = False) -> None:
+    """Show the ``localearn`` logger's messages on the console (level INFO) unless the caller
+    set up logging already (a handler on ``localearn`` or on the root logger); ``force``: the
+    command line, which owns its console. Silence with
+    ``logging.getLogger("localearn").setLevel(logging.WARNING)``."""
+    if any(isinstance(h, ConsoleHandler) for h in LOGGER.handlers):
+        return
+    if not force and (LOGGER.handlers or logging.getLogger().handlers):
+        return
+    LOGGER.addHandler(ConsoleHandler())
+    if LOGGER.level == logging.NOTSET:
+        LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False  # the console handler shows it; no second copy from the root
+
+
+# ------------------------------------------------------------------ the run's summary facts
+def git_commit(path: Path | None = None) -> dict[str, Any] | None:
+    """The git commit checked out in ``path`` (default: the working directory, the user's
+    project) and whether tracked files differ from it; None outside a repository or without
+    git."""
+    where = Path.cwd() if path is None else Path(path)
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(),
+            "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def versions() -> dict[str, str]:
+    """The versions a result depends on: localearn, torch, Python (and CUDA when built with)."""
+    from localearn import __version__
+
+    out = {"localearn": __version__, "torch": torch.__version__,
+           "python": platform.python_version()}
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter values in ``module`` (each shared parameter once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameters_by_role(net: nn.Module, groups: dict[str, nn.Module]) -> dict[str, int]:
+    """Parameter counts of the backbone and of each role of the auxiliary networks (a rule's
+    ``aux_groups``: ``heads``, and for MLAAN ``copies`` and ``twins``), plus the ``total`` of
+    distinct parameters."""
+    out = {"backbone": count_parameters(net)}
+    for role, module in groups.items():
+        out[role] = count_parameters(module)
+    every = nn.ModuleList([net, *groups.values()])
+    out["total"] = count_parameters(every)
+    return out
 
 
 def require_tensorboard() -> None:

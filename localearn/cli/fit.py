@@ -16,6 +16,8 @@ _NOT_SETTINGS = ("command", "config", "func", "argv")
 #: own folder unless --output-dir is given), whether it may replace a run, whether its data may
 #: run shell commands (a checkpoint from elsewhere must not switch that on)
 _NOT_RESUMED = ("output_dir", "overwrite", "allow_pipe", "resume", "seeds")
+#: shorter spellings of some flags
+_ALIASES = {"output_dir": ["--out"]}
 
 
 def _plain(annotation: Any) -> Any:
@@ -58,7 +60,8 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="PATH",
                    help="TOML or YAML file with settings; flags override it")
     for name, field in FitConfig.model_fields.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, **flag_kwargs(name, field))
+        p.add_argument("--" + name.replace("_", "-"), *_ALIASES.get(name, []), dest=name,
+                       **flag_kwargs(name, field))
 
 
 def preflight(cfg: Any) -> None:
@@ -75,24 +78,26 @@ def preflight(cfg: Any) -> None:
         resolve_device("cuda" if cfg.device.startswith("cuda") else cfg.device)
     if cfg.tensorboard:
         require_tensorboard()
-    if cfg.seeds or cfg.resume:  # each seed's folder, or the checkpoint's: checked by fit
-        return
+    if cfg.seeds or cfg.resume or cfg.output_dir is None:
+        return  # each seed's folder, the checkpoint's or a new one: made and checked by fit
     checkpoint.usable_dir(cfg.output_dir)
     if not cfg.overwrite and checkpoint.held_run(cfg.output_dir) is not None:
         checkpoint.claim_run_dir(cfg.output_dir)  # raises the one-line refusal
 
 
 def fit_command(args: argparse.Namespace) -> int:
+    import shlex
+
     from localearn import distributed
     from localearn.config import FitConfig, make_config
     from localearn.engine import checkpoint, fit, fit_repeats
+    from localearn.runlog import console_logging
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     overrides = dict(given)
     if args.resume and args.config is None:
         # continue with the settings stored in the checkpoint; flags given now override them
-        out = given.get("output_dir", FitConfig.model_fields["output_dir"].default)
-        path, previous = checkpoint.resolve(args.resume, Path(out))
+        path, previous = checkpoint.resolve(args.resume, given.get("output_dir"))
         saved = {k: v for k, v in checkpoint.saved_config(path, previous).items()
                  if k not in _NOT_RESUMED and k in FitConfig.model_fields}
         overrides = {**saved, **given}
@@ -101,17 +106,19 @@ def fit_command(args: argparse.Namespace) -> int:
         preflight(cfg)  # a mistake is one line here, not one per worker and a torchrun trace
         return distributed.relaunch(cfg.nproc, list(args.argv))
     main = distributed.current_env().is_main
+    console_logging(force=True)  # the command line owns its console
+    command = shlex.join(["localearn", *args.argv])
     if cfg.seeds:
-        repeats = fit_repeats(cfg)
+        repeats = fit_repeats(cfg, command=command)
         if main:
             for key, what in (("test_acc", "last"), ("best_test_acc", "best")):
                 mean, std = repeats.stats(key)
                 each = ", ".join(f"{getattr(r, key):.2%}" for r in repeats.results)
                 print(f"{what} test accuracy over seeds {cfg.seeds}: {mean:.2%} +- {std:.2%} "
                       f"(sample std; runs: {each})")
-            print(f"wrote {cfg.output_dir / 'seeds.json'}")
+            print(f"wrote {repeats.run_dir / 'seeds.json'}")
         return 0
-    result = fit(cfg)
+    result = fit(cfg, command=command)
     if main:
         print(f"final test accuracy {result.test_acc:.2%} (best {result.best_test_acc:.2%} "
               f"at epoch {result.best_epoch})")

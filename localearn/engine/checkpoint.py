@@ -14,9 +14,10 @@ a damaged or mismatched file, or one holding NaN or infinite weights or optimize
 refused with a `UserError`, never half-loaded. A write that fails (a full disk, say) removes
 its temporary file and leaves the previous checkpoint as it was.
 
-A run folder belongs to one run: `claim_run_dir` refuses to start a run in a folder that holds
-another (finished or unfinished) unless asked to replace it, and resuming continues in the
-folder the checkpoint is in (`run_dir_of`) unless another folder is named.
+A run folder belongs to one run: without a named folder each run gets a new one
+(`new_run_dir`: ``runs/<date>-<rule>-<model>-k<K>``); `claim_run_dir` refuses to start a run in
+a named folder that holds another (finished or unfinished) unless asked to replace it, and
+resuming continues in the folder the checkpoint is in (`run_dir_of`) unless another is named.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -301,10 +303,13 @@ def _run_files(run_dir: Path) -> list[Path]:
     return files if files or not final.is_file() else [final]
 
 
-def resolve(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
+def resolve(resume: str, run_dir: Path | None) -> tuple[Path, Path | None]:
     """The checkpoint ``--resume`` names (a file, a run folder, or ``latest`` for the newest in
-    ``run_dir``) and the one before it in its folder (None if none)."""
+    ``run_dir``, or with no ``run_dir`` in the newest run under `RUNS_ROOT`) and the one before
+    it in its folder (None if none)."""
     if resume == "latest":
+        if run_dir is None:
+            run_dir = latest_run()
         files = _run_files(Path(run_dir))
         if not files:
             raise UserError(f"nothing to resume: no checkpoints in {checkpoint_dir(run_dir)}; "
@@ -360,6 +365,63 @@ def unfinished(run_dir: Path) -> str | None:
 # ----------------------------------------------------------------------- run folders
 #: what a run writes in its folder (and what --overwrite removes)
 RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "steps.jsonl", "config.json")
+#: where runs go when no output folder is named (relative to the working directory)
+RUNS_ROOT = Path("runs")
+
+
+def run_name(rule: str, model: str, k: int, when: datetime | None = None) -> str:
+    """A run folder's name, ``<date>-<time>-<rule>-<model>-k<K>``, safe for any file system
+    (``mlaan(dgl, k=3)`` becomes ``mlaan-dgl-k3``)."""
+    stamp = (when or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+    def slug(text: str, n: int) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", text.replace("=", "")).strip("-.")[:n] or "x"
+
+    return f"{stamp}-{slug(rule, 60)}-{slug(model, 40)}-k{k}"
+
+
+def new_run_dir(name: str, root: Path | None = None) -> Path:
+    """Make a new, empty folder ``root/name`` (``name-2``, ``name-3``... when taken) and
+    return it; never an existing one, even with another run starting at the same moment."""
+    root = RUNS_ROOT if root is None else Path(root)
+    usable_dir(root)
+    for n in range(1, 10_000):
+        path = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"run folder {_short(path)} cannot be made: "
+                            f"{_os_problem(path, exc)}; name one with --out") from None
+    raise UserError(f"no free run folder name {name}-N in {root}; name one with --out")
+
+
+def latest_run(root: Path | None = None) -> Path:
+    """The run folder under ``root`` (default `RUNS_ROOT`) whose newest checkpoint is the most
+    recent; a one-line `UserError` when there is none."""
+    root = RUNS_ROOT if root is None else Path(root)
+    newest: tuple[float, Path] | None = None
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            for f in _run_files(folder) if folder.is_dir() else []:
+                if newest is None or f.stat().st_mtime > newest[0]:
+                    newest = (f.stat().st_mtime, folder)
+        except OSError:
+            continue
+    if newest is None:
+        raise UserError(f"nothing to resume: no run with a checkpoint in {root}/; pass --resume "
+                        "RUN_DIR (or a checkpoint file), or --out RUN_DIR with --resume")
+    return newest[1]
+
+
+def drop_empty_checkpoint_dir(run_dir: Path) -> None:
+    """Remove ``run_dir/checkpoints`` if nothing is left in it (a finished run)."""
+    try:
+        checkpoint_dir(run_dir).rmdir()
+    except OSError:
+        pass  # absent, or still holding files
 
 
 def _short(path: Path, n: int = 120) -> str:
@@ -456,11 +518,12 @@ def claim_run_dir(out: Path, *, resume_from: Path | None = None,
                             "--output-dir, or pass --overwrite to replace that run")
         if kind == "unfinished":
             raise UserError(f"{out} holds the checkpoints of an unfinished run ({what}); "
-                            "continue it with --resume, or delete "
-                            f"{checkpoint_dir(out)} or pick another --output-dir to start "
-                            "over (or pass --overwrite to replace it)")
-        raise UserError(f"{out} holds a finished run ({what}); pick another --output-dir, "
-                        "or pass --overwrite to replace it")
+                            f"continue it with: localearn fit --resume {out}; or leave out "
+                            "--out to start a new run in a new folder (or pass --overwrite to "
+                            "replace it)")
+        raise UserError(f"{out} holds a finished run ({what}); leave out --out to start a "
+                        "new run in a new folder, pick another --out, or pass --overwrite to "
+                        "replace it")
     clear_run(out)
 
 
@@ -558,8 +621,7 @@ def export_safetensors(path: Path, out: Path | None = None, *, overwrite: bool =
     check_state(net, ckpt["model"], "model", path)
     net.load_state_dict(ckpt["model"])
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
-    metadata = {"model": cfg["model"], "num_classes": str(num_classes), "rule": cfg["rule"],
-                "step": str(ckpt["step"])}
+    metadata = export_metadata(cfg, ckpt, info)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -574,6 +636,32 @@ def export_safetensors(path: Path, out: Path | None = None, *, overwrite: bool =
         why = _os_problem(out.parent, os_err) if os_err is not None else \
             (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"could not write {_short(out)}: {why}") from None
+    return out
+
+
+def export_metadata(cfg: dict[str, Any], ckpt: dict[str, Any], info: Any) -> dict[str, str]:
+    """What a user of an exported file needs besides the weights, as safetensors metadata
+    (strings; lists as JSON): the registered model, the number of classes, the input shape
+    (C, H, W), the normalisation mean and std, the dataset and its class names in label
+    order, and where the weights came from (rule, step)."""
+    return {"format": "localearn-backbone", "model": cfg["model"],
+            "num_classes": str(info.num_classes),
+            "input_shape": json.dumps(list(info.input_shape)),
+            "mean": json.dumps(list(info.mean)), "std": json.dumps(list(info.std)),
+            "dataset": str(cfg.get("dataset", "")),
+            "class_names": json.dumps(list(info.class_names)),
+            "rule": cfg["rule"], "step": str(ckpt["step"])}
+
+
+def read_export_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """`export_metadata` decoded: numbers as int, lists as tuples."""
+    out: dict[str, Any] = dict(meta)
+    for key in ("num_classes", "step"):
+        if key in out:
+            out[key] = int(out[key])
+    for key in ("input_shape", "mean", "std", "class_names"):
+        if key in out:
+            out[key] = tuple(json.loads(out[key]))
     return out
 
 

@@ -8,6 +8,11 @@ the learning rate still reaches its end, and a resumed run follows the same figu
 `SHORT_EPOCH` of the plan it is a warning in the log, in ``metrics.jsonl`` and in
 ``summary.json``. SIGINT and SIGTERM finish the current step, write a checkpoint and say how to
 resume (exit 130 and 143); a second signal stops at once.
+
+Without a named output folder each run gets a new one (`checkpoint.new_run_dir`), said at the
+start. What the run says goes through the ``localearn`` logger (`localearn.runlog.LOGGER`) on
+rank 0; the progress bar shows only when stdout is a terminal. At the end the run's summary
+(`Trainer.summary`) is logged and saved as ``summary.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,17 @@ from localearn.engine.signals import StopSignals, TrainingInterrupted
 from localearn.engine.state import RunState
 from localearn.engine.step import NonFiniteLoss, autocast
 from localearn.errors import UserError
-from localearn.runlog import RunLog, peak_memory_mb, require_tensorboard
+from localearn.interfaces import SplitNetwork, UpdateRule
+from localearn.runlog import (
+    LOGGER,
+    RunLog,
+    console_logging,
+    git_commit,
+    parameters_by_role,
+    peak_memory_mb,
+    require_tensorboard,
+    versions,
+)
 
 __all__ = ["SHORT_EPOCH", "FitResult", "Trainer", "TrainingDiverged", "TrainingInterrupted",
            "atomic_save", "evaluate", "fit", "resolve_device", "seed_everything",
@@ -91,7 +107,10 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, *,
 @dataclass
 class FitResult:
     """A finished run: the last epoch's test accuracy and train loss, the best test accuracy
-    and its epoch (the public code reports the best; the paper the mean of 3 runs' last)."""
+    and its epoch (the public code reports the best; the paper the mean of 3 runs' last), the
+    per-epoch ``history`` (the rows of ``metrics.jsonl``), and the trained parts: the split
+    network (``net``; ``net.backbone`` is the plain model), the auxiliary networks (``aux``),
+    the rule, the run's folder and its ``summary`` (``summary.json``)."""
 
     test_acc: float
     train_loss: float
@@ -100,6 +119,11 @@ class FitResult:
     checkpoint: Path | None = None
     best_test_acc: float = 0.0
     best_epoch: int = 0
+    net: SplitNetwork | None = field(default=None, repr=False)
+    aux: nn.Module | None = field(default=None, repr=False)
+    rule: UpdateRule | None = field(default=None, repr=False)
+    run_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def best_of(history: list[dict]) -> tuple[float, int]:
@@ -109,19 +133,25 @@ def best_of(history: list[dict]) -> tuple[float, int]:
 
 
 class Trainer:
-    """Everything one run needs, built from a validated `FitConfig`.
+    """Everything one run needs, built from a validated `FitConfig`; ``rule``: an already made
+    rule to train instead of building ``cfg.rule`` (the Python API's rule objects);
+    ``command``: the command line that started the run, for its summary.
 
     In a process started by torchrun the trainer joins the job's process group (NCCL on GPUs,
     Gloo on CPUs), shards the data by rank and averages gradients across ranks; only rank 0
     writes files and prints.
     """
 
-    def __init__(self, cfg: FitConfig) -> None:
-        if cfg.resume and cfg.resume != "latest" and "output_dir" not in cfg.model_fields_set:
+    def __init__(self, cfg: FitConfig, *, rule: UpdateRule | None = None,
+                 command: str | None = None) -> None:
+        if cfg.resume and cfg.output_dir is None:
             # continue in the folder the checkpoint is in, wherever it was moved or copied
-            path, _ = ckpt_io.resolve(cfg.resume, cfg.output_dir)
+            # (``latest``: the newest run under runs/)
+            path, _ = ckpt_io.resolve(cfg.resume, None)
             cfg = cfg.model_copy(update={"output_dir": ckpt_io.run_dir_of(path)})
         self.cfg = cfg
+        self.command = command
+        self._given_rule = rule
         self.env = dist_.current_env()
         env = self.env
         if cfg.nproc > 1 and not env.enabled:
@@ -144,7 +174,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
-        run = build_run(cfg, device=self.device, env=env)
+        run = build_run(cfg, device=self.device, env=env, rule=self._given_rule)
         self.run = run
         self.rule, self.net, self.aux, self.data = run.rule, run.net, run.aux, run.data
         self.optimizer, self.stepper, self.reducer = run.optimizer, run.step, run.reducer
@@ -167,7 +197,7 @@ class Trainer:
         self.warmup_steps = round(warm * steps)
         self.state = RunState()
         self.last_checkpoint: Path | None = None
-        self.log = RunLog(cfg.output_dir, enabled=False)
+        self.log = RunLog(cfg.output_dir or ckpt_io.RUNS_ROOT, enabled=False)  # see _fit
         self._bar: tqdm | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._signals = StopSignals(announce=env.is_main)
@@ -286,6 +316,7 @@ class Trainer:
                 "train_loss": sums[0] / seen if sums else float("nan"),
                 "train_acc": sums[1] / seen if sums else float("nan"),
                 "local_losses": [s / seen for s in sums[3:]],
+                "images": int(sums[2]) if sums else 0,
                 "epoch_time": elapsed,
                 "step_time": sum(step_times) / max(1, len(step_times)),
                 "images_per_s": images_done / elapsed if elapsed > 0 else 0.0,
@@ -300,7 +331,9 @@ class Trainer:
             self._bar.set_postfix(loss=f"{totals[0] / n:.3f}", acc=f"{totals[1] / n:.1%}",
                                   img_s=f"{totals[2] / step_time:.0f}", refresh=False)
             self._bar.update()
-        if self.step % cfg.log_every == 0:
+        # every log_every steps, and each epoch's first and last (so short runs log too)
+        if self.step % cfg.log_every == 0 or self.state.batch_in_epoch in (
+                1, self.steps_per_epoch):
             self.log.step({"step": self.step, "epoch": epoch, "lr": lr,
                            "loss": totals[0] / n, "train_acc": totals[1] / n,
                            "local_losses": [v / n for v in totals[3:]],
@@ -341,7 +374,7 @@ class Trainer:
             if self.env.is_main:
                 if self._bar is not None:
                     self._bar.clear()
-                print(f"localearn: warning: {msg}", file=sys.stderr, flush=True)
+                LOGGER.warning(msg)
 
     def _interrupted(self) -> TrainingInterrupted:
         """Write a checkpoint of the steps done (if any since the last one) and say how to go
@@ -387,21 +420,35 @@ class Trainer:
         return (f"the last good checkpoint is {last} (resume it with --resume {last}, e.g. "
                 f"with a lower --lr)")
 
-    def _write_summary(self, result: FitResult) -> None:
-        """``summary.json``: last and best test accuracy, the run's size and its settings."""
+    def summary(self, result: FitResult) -> dict[str, Any]:
+        """The run's summary (``summary.json``): last and best test accuracy (with the best's
+        epoch), parameters by role, time, throughput, peak memory, and what reproduces it:
+        the command, the settings, the versions and the project's git commit."""
         cfg = self.cfg
         rows = self.history
-        summary = {
+        train_time = sum(r["epoch_time"] for r in rows)
+        images = sum(r.get("images", 0) for r in rows)
+        return {
             "rule": self.rule.expression, "model": cfg.model, "k": self.net.k,
             "dataset": cfg.dataset, "seed": cfg.seed, "epochs": len(rows), "steps": self.step,
             "last_test_acc": result.test_acc, "best_test_acc": result.best_test_acc,
             "best_epoch": result.best_epoch, "final_train_loss": result.train_loss,
-            "train_time_s": sum(r["epoch_time"] for r in rows),
+            "parameters": parameters_by_role(self.net, self.rule.aux_groups(self.aux)),
+            "train_time_s": train_time,  # the epochs' training time (all sessions of a resume)
+            "wall_time_s": time.perf_counter() - self._started,  # this session, start to end
+            "images": images,  # trained on, all processes
+            "images_per_s": images / train_time if train_time > 0 else 0.0,
+            "peak_mem_mb": max([peak_memory_mb(self.device),
+                                *(r.get("peak_mem_mb", 0.0) for r in rows)]),
+            "device": str(self.device), "world_size": self.env.world_size,
             "batches_short": self.state.short,
             "warnings": [r["warning"] for r in rows if r.get("warning")],
+            "command": self.command,
             "config": cfg.model_dump(mode="json"),
+            "versions": versions(),
+            "git": git_commit(),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2))
 
     def _diverged(self, value: float, epoch: int) -> None:
         keep = self._good_checkpoint()
@@ -503,11 +550,10 @@ class Trainer:
         self.last_checkpoint = path
         if env.is_main:
             for note in notes:
-                print(f"note: {note}", flush=True)
+                LOGGER.info(f"note: {note}")
             where = ("end of epoch" if self.state.epoch_done
                      else f"batch {self.state.batch_in_epoch}/{self.steps_per_epoch} of epoch")
-            print(f"resuming from {path}: step {state['step']}, {where} {self.epoch}",
-                  flush=True)
+            LOGGER.info(f"resuming from {path}: step {state['step']}, {where} {self.epoch}")
         return path
 
     def _claim(self, resume_from: Path | None) -> None:
@@ -524,9 +570,23 @@ class Trainer:
             raise UserError(error)
 
     def _fresh_start(self) -> None:
-        """A new run in ``output_dir``: refuse to replace another run's files (unless
-        ``overwrite``), see `checkpoint.claim_run_dir`."""
-        self._claim(None)
+        """A new run: in a new folder under `checkpoint.RUNS_ROOT` when no ``output_dir`` is
+        named (rank 0 makes it), else in ``output_dir``, refusing to replace another run's
+        files unless ``overwrite`` (see `checkpoint.claim_run_dir`)."""
+        if self.cfg.output_dir is not None:
+            self._claim(None)
+            return
+        made = error = None
+        if self.env.is_main:
+            try:
+                name = ckpt_io.run_name(self.rule.expression, self.cfg.model, self.net.k)
+                made = ckpt_io.new_run_dir(name)
+            except UserError as exc:
+                error = str(exc)
+        made, error = dist_.broadcast_object((made, error), self.env)
+        if error:
+            raise UserError(error)
+        self.cfg = self.cfg.model_copy(update={"output_dir": made})
 
     def _finish(self) -> Path:
         """Keep the final state as ``RUN_DIR/checkpoint.pt``; drop the step checkpoints."""
@@ -538,36 +598,40 @@ class Trainer:
                 if old != self.last_checkpoint:
                     old.unlink(missing_ok=True)
             os.replace(self.last_checkpoint, final)
+            ckpt_io.drop_empty_checkpoint_dir(out)
         dist_.barrier(self.env)
         return final
 
     # ------------------------------------------------------------------------------ fit
     def fit(self) -> FitResult:
+        console_logging()  # unless the caller set up logging of their own
         with self._signals:
             return self._fit()
 
     def _fit(self) -> FitResult:
-        cfg, env = self.cfg, self.env
-        out = cfg.output_dir
+        env = self.env
+        self._started = time.perf_counter()
         try:
-            if cfg.tensorboard:
+            if self.cfg.tensorboard:
                 require_tensorboard()
-            if cfg.resume:
-                self.resume(cfg.resume)
+            if self.cfg.resume:
+                self.resume(self.cfg.resume)
             else:
                 self._fresh_start()
+            cfg = self.cfg
+            out = cfg.output_dir
             self.log = RunLog(out, enabled=env.is_main, tensorboard=cfg.tensorboard)
             self.log.start(cfg.model_dump(mode="json"), self.history, self.step)
             first = self.epoch + 1 if self.state.epoch_done else self.epoch
             if env.is_main:
                 procs = f", {env.world_size} processes" if env.enabled else ""
-                print(f"training {self.rule.expression} on {cfg.model} (K={self.net.k}) with "
-                      f"{cfg.dataset}: {len(self.data.train)} train / {len(self.data.test)} "
-                      f"test images, device {self.device}{procs}, precision {cfg.precision}",
-                      flush=True)
+                LOGGER.info(f"training {self.rule.expression} on {cfg.model} (K={self.net.k}) "
+                            f"with {cfg.dataset}: {len(self.data.train)} train / "
+                            f"{len(self.data.test)} test images, device {self.device}{procs}, "
+                            f"precision {cfg.precision}; run folder {out}")
             self._bar = tqdm(total=self.total_steps, initial=min(self.step, self.total_steps),
                              leave=False, dynamic_ncols=True, unit="step",
-                             disable=not (cfg.progress and env.is_main))
+                             disable=not (cfg.progress and env.is_main and _is_terminal()))
             for epoch in range(first, cfg.epochs + 1):
                 row = self.train_epoch(epoch)
                 if self._stopped:
@@ -585,10 +649,10 @@ class Trainer:
                 self.log.epoch(row)
                 if env.is_main:
                     self._bar.clear()
-                    print(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
-                          f"train acc {row['train_acc']:.2%}  test acc {row['test_acc']:.2%}  "
-                          f"({row['epoch_time']:.1f}s, {row['images_per_s']:.0f} img/s)",
-                          flush=True)
+                    LOGGER.info(f"epoch {epoch}/{cfg.epochs}  train loss "
+                                f"{row['train_loss']:.4f}  train acc {row['train_acc']:.2%}  "
+                                f"test acc {row['test_acc']:.2%}  ({row['epoch_time']:.1f}s, "
+                                f"{row['images_per_s']:.0f} img/s)")
                 self.save_checkpoint()
                 if dist_.all_sum([float(self._signals.signum is not None)], self.device,
                                  env)[0] and epoch < cfg.epochs:
@@ -600,11 +664,14 @@ class Trainer:
             last = self.history[-1]
             best, best_epoch = best_of(self.history)
             result = FitResult(last["test_acc"], last["train_loss"], self.history, self.step,
-                               final, best, best_epoch)
+                               final, best, best_epoch, net=self.net, aux=self.aux,
+                               rule=self.rule, run_dir=out)
+            result.summary = self.summary(result)
             if env.is_main:
-                self._write_summary(result)
-                print(f"wrote {self.log.metrics_path}, {out / 'summary.json'} and {final}",
-                      flush=True)
+                atomic_write_text(out / "summary.json", json.dumps(result.summary, indent=2))
+                LOGGER.info(summary_text(result.summary))
+                LOGGER.info(f"wrote {self.log.metrics_path}, {out / 'summary.json'} and "
+                            f"{final}")
             return result
         finally:
             if self._bar is not None:
@@ -616,6 +683,27 @@ class Trainer:
                 self._owns_group = False
 
 
-def fit(cfg: FitConfig) -> FitResult:
+def fit(cfg: FitConfig, *, rule: UpdateRule | None = None,
+        command: str | None = None) -> FitResult:
     """Train one run end to end; see `Trainer`."""
-    return Trainer(cfg).fit()
+    return Trainer(cfg, rule=rule, command=command).fit()
+
+
+def _is_terminal() -> bool:
+    """Whether stdout is a terminal (a progress bar would be noise in a file or a pipe)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    """The summary's main figures in a few lines, for the console."""
+    params = ", ".join(f"{role} {n / 1e6:.3g}M" for role, n in s["parameters"].items())
+    return (f"summary: {s['rule']} on {s['model']} (K={s['k']}), {s['dataset']}, "
+            f"{s['epochs']} epochs\n"
+            f"  test accuracy: last {s['last_test_acc']:.2%}, best {s['best_test_acc']:.2%} "
+            f"(epoch {s['best_epoch']})\n"
+            f"  parameters: {params}\n"
+            f"  time: {s['train_time_s']:.1f}s training, {s['wall_time_s']:.1f}s wall; "
+            f"{s['images_per_s']:.0f} img/s; peak memory {s['peak_mem_mb']:.0f} MiB")
