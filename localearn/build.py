@@ -182,9 +182,17 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay)
-    reducer = dist_.GradReducer(params, env.world_size) if env.enabled else None
+    if cfg.stages > 1:  # pipelined: this process trains one stage's modules
+        from localearn.engine.pipeline import pipeline_step
+
+        step = pipeline_step(cfg, rule, net, aux, optimizer, device, env)
+        reducer = step.reducer
+        seed_everything(cfg.seed + step.layout.replica)  # the stages of one replica draw alike
+    else:
+        reducer = dist_.GradReducer(params, env.world_size) if env.enabled else None
     if cfg.compile:  # in place: state-dict names stay those of the plain modules
         for module in rule.compile_targets(net, aux):
             module.compile()
-    step = TrainStep(rule, net, optimizer, device, cfg.precision, reducer, env)
+    if cfg.stages == 1:
+        step = TrainStep(rule, net, optimizer, device, cfg.precision, reducer, env)
     return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step, reducer)

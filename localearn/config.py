@@ -86,6 +86,10 @@ class FitConfig(BaseModel):
     sync_bn: bool = Field(False, description="SyncBatchNorm across ranks (GPUs only)")
     nproc: int = Field(1, ge=1, description="train data-parallel with N processes on this "
                                             "machine (via torchrun)")
+    stages: int = Field(1, ge=1, description="pipelined training: the K modules in N stages, "
+                        "one process each (times --nproc replicas), all training at once")
+    stage_cuts: str | None = Field(None, description="the modules where stages 1.. start, "
+                                   "e.g. 4,9 (default: balanced by FLOPs)")
     allow_pipe: bool = Field(False, description="let the data's shard lists run shell commands "
                                                 "(pipe: URLs); only for data you trust")
 

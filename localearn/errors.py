@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message must say what is wrong and what is valid; the CLI prints it without a traceback.
     """
+
+
+class SameOnEveryRank(UserError):
+    """A mistake every process of a job finds alike: only rank 0 prints it."""

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from localearn.errors import UserError
+from localearn.errors import SameOnEveryRank, UserError
 
 #: the environment variable that lets every command read pipe: URLs (`localearn.data.webdata`)
 PIPE_ENV = "LOCALEARN_ALLOW_PIPE"
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = argv  # fit --nproc N starts N copies of this command
         return args.func(args)
     except UserError as exc:
-        print(f"localearn: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, SameOnEveryRank) and os.environ.get("RANK", "0") != "0"):
+            print(f"localearn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM during fit (TrainingInterrupted)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per process

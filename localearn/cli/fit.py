@@ -71,7 +71,13 @@ def preflight(cfg: Any) -> None:
     from localearn.engine import checkpoint
     from localearn.runlog import require_tensorboard
 
-    expr.build(cfg.rule)
+    rule = expr.build(cfg.rule)
+    if cfg.stages > 1:
+        from localearn.engine.pipeline import check_pipelinable, parse_stage_cuts
+
+        check_pipelinable(rule, None, cfg.stages)
+        if cfg.stage_cuts:
+            parse_stage_cuts(cfg.stage_cuts, None, cfg.stages)
     if cfg.device not in ("auto", "cpu"):
         from localearn.build import resolve_device
 
@@ -102,9 +108,9 @@ def fit_command(args: argparse.Namespace) -> int:
                  if k not in _NOT_RESUMED and k in FitConfig.model_fields}
         overrides = {**saved, **given}
     cfg = make_config(args.config, **overrides)
-    if cfg.nproc > 1 and not distributed.launched():
+    if (cfg.nproc > 1 or cfg.stages > 1) and not distributed.launched():
         preflight(cfg)  # a mistake is one line here, not one per worker and a torchrun trace
-        return distributed.relaunch(cfg.nproc, list(args.argv))
+        return distributed.relaunch(cfg.nproc * cfg.stages, list(args.argv))
     main = distributed.current_env().is_main
     console_logging(force=True)  # the command line owns its console
     command = shlex.join(["localearn", *args.argv])

@@ -179,10 +179,15 @@ class Trainer:
         self.rule, self.net, self.aux, self.data = run.rule, run.net, run.aux, run.data
         self.optimizer, self.stepper, self.reducer = run.optimizer, run.step, run.reducer
         self.scaler = run.step.scaler
+        # a pipelined run's stages read the same batches: the data is sharded by replica
+        layout = getattr(run.step, "layout", None)
+        self.data_rank, self.data_world = ((layout.replica, layout.replicas) if layout
+                                           else (env.rank, env.world_size))
         pin = self.device.type == "cuda"
         self.train_loader = make_loader(self.data.train, batch_size=cfg.batch_size, train=True,
-                                        workers=cfg.workers, seed=cfg.seed, rank=env.rank,
-                                        world_size=env.world_size, pin_memory=pin)
+                                        workers=cfg.workers, seed=cfg.seed,
+                                        rank=self.data_rank, world_size=self.data_world,
+                                        pin_memory=pin)
         sampler = self.train_loader.sampler
         self.train_sampler = sampler if isinstance(sampler, ShardSampler) else None
         self.test_loader = make_loader(self.data.test, batch_size=max(256, cfg.batch_size),
@@ -259,7 +264,7 @@ class Trainer:
             # loader workers seeded from (seed, epoch, rank), not from the global RNG, so a
             # deterministic stream augments the same way after a resume
             self.train_loader.generator = torch.Generator().manual_seed(
-                sample_seed(self.cfg.seed, epoch, self.env.rank))
+                sample_seed(self.cfg.seed, epoch, self.data_rank))
             it = iter(self.train_loader)
             for _ in range(skip):  # a stream cannot seek: read and drop
                 next(it, None)
@@ -308,6 +313,7 @@ class Trainer:
                 self._stopped = True
                 break
             self._after_batch(epoch, lr, totals, step_times[-1])
+        images_done += self._drain(epoch)
         sums = state.epoch_sums
         seen = max(1.0, sums[2]) if sums else 1.0
         elapsed = time.perf_counter() - start
@@ -458,8 +464,25 @@ class Trainer:
             f"the learning rate is {self.cfg.lr}")
 
     # ---------------------------------------------------------------------- checkpoints
+    def _drain(self, epoch: int) -> int:
+        """A pipelined step reads its statistics some steps late: add those not read yet to
+        the epoch's sums; the images they count."""
+        drain = getattr(self.stepper, "drain", None)
+        try:
+            pending = drain() if drain is not None else None
+        except NonFiniteLoss as bad:
+            self._diverged(bad.value, epoch)
+        if not pending:
+            return 0
+        sums = self.state.epoch_sums
+        self.state.epoch_sums = [a + b for a, b in zip(sums, pending)] if sums else pending
+        return int(pending[2])
+
     def _sync_buffers(self) -> None:
-        if self.env.enabled:
+        if hasattr(self.stepper, "sync"):  # pipelined: every process gets every stage's state
+            self._drain(self.state.epoch)
+            self.stepper.sync()  # (BatchNorm statistics averaged over each stage's replicas)
+        elif self.env.enabled:
             dist_.average_buffers(self.net, self.env.world_size)
             dist_.average_buffers(self.aux, self.env.world_size)
 
@@ -637,9 +660,9 @@ class Trainer:
                 if self._stopped:
                     raise self._interrupted()
                 self._end_of_epoch(epoch, row)
+                self._sync_buffers()
                 dist_.check_replicas([*self.net.named_parameters(),
                                       *self.aux.named_parameters()], self.device, env)
-                self._sync_buffers()
                 row["test_acc"] = evaluate(self.net, self.test_loader, self.device,
                                            precision=cfg.precision,
                                            channels_last=cfg.channels_last, env=env)

@@ -26,6 +26,7 @@ Ranks are laid out stage-major: rank = stage * D + replica (rank 0 is stage 0, r
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from localearn import distributed as dist_
-from localearn.errors import UserError
+from localearn.errors import SameOnEveryRank, UserError
 from localearn.interfaces import LocalRule, SplitNetwork, UpdateRule
 
 #: dtypes an activation may travel in (the code is the header's last field)
@@ -70,32 +71,36 @@ class Layout:
 
 def layout_of(stages: int, env: dist_.DistEnv) -> Layout:
     if not env.enabled:
-        raise UserError(f"--stages {stages} runs one process per stage: start it with "
-                        f"`localearn fit --stages {stages}` (torchrun underneath), or under "
-                        f"torchrun with a multiple of {stages} processes")
+        raise SameOnEveryRank(
+            f"--stages {stages} runs one process per stage: start it with `localearn fit "
+            f"--stages {stages}` (torchrun underneath), or under torchrun with a multiple of "
+            f"{stages} processes")
     if env.world_size % stages:
-        raise UserError(f"--stages {stages} needs a multiple of {stages} processes; the job "
-                        f"has {env.world_size}")
+        raise SameOnEveryRank(f"--stages {stages} needs a multiple of {stages} processes; "
+                              f"the job has {env.world_size}")
     return Layout(stages, env.world_size // stages, env.rank)
 
 
 # ----------------------------------------------------------------------------- stage cuts
 
 
-def parse_stage_cuts(text: str, k: int, stages: int) -> list[int]:
+def parse_stage_cuts(text: str, k: int | None, stages: int) -> list[int]:
     """``"4,9"``: the modules where stages 1.. start (strictly increasing, within 1..K-1, one
-    fewer than the stages)."""
+    fewer than the stages). ``k=None`` checks all but the upper bound."""
+    def bad(why: str) -> SameOnEveryRank:
+        return SameOnEveryRank(f"invalid --stage-cuts {text!r}: {why}")
+
     try:
         cuts = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise UserError(f"invalid --stage-cuts {text!r}: expected module indices where stages "
-                        "1.. start, e.g. 4,9") from None
+        raise bad("expected the module indices where stages 1.. start, e.g. 4,9") from None
     if len(cuts) != stages - 1:
-        raise UserError(f"invalid --stage-cuts {text!r}: {stages} stages need {stages - 1} "
-                        f"cut(s), got {len(cuts)}")
-    if any(b <= a for a, b in zip([0, *cuts], [*cuts, k])):
-        raise UserError(f"invalid --stage-cuts {text!r}: cuts must increase strictly within "
-                        f"1..{k - 1} (K={k}), so every stage has at least one module")
+        raise bad(f"{stages} stages need {stages - 1} cut(s), got {len(cuts)}")
+    top = k if k is not None else max(cuts, default=0) + 1
+    if any(b <= a for a, b in zip([0, *cuts], [*cuts, top])):
+        within = f"1..{k - 1} (K={k})" if k is not None else "1..K-1"
+        raise bad(f"cuts must increase strictly within {within}, so every stage has at least "
+                  "one module")
     return cuts
 
 
@@ -160,15 +165,17 @@ def stage_ranges(starts: list[int], k: int) -> list[range]:
 # ----------------------------------------------------------------------------- the step
 
 
-def check_pipelinable(rule: UpdateRule, k: int, stages: int) -> LocalRule:
+def check_pipelinable(rule: UpdateRule, k: int | None, stages: int) -> LocalRule:
+    """The rule, if ``--stages`` can train it (``k=None``: not knowing K yet)."""
     if not isinstance(rule, LocalRule) or type(rule).train_step is not LocalRule.train_step \
             or type(rule).losses is not LocalRule.losses:
-        raise UserError(f"--stages trains rules whose step is LocalRule's (dgl, infopro, "
-                        f"linear and rules built on LocalRule.module_loss); {rule.expression} "
-                        "is not one; train it with --stages 1")
-    if k < stages:
-        raise UserError(f"--stages {stages} needs at least {stages} local modules; "
-                        f"{rule.expression} trains K={k}")
+        raise SameOnEveryRank(
+            f"--stages trains rules whose step is LocalRule's (dgl, infopro, linear and rules "
+            f"built on LocalRule.module_loss); {rule.expression} is not one: train it without "
+            "--stages")
+    if k is not None and k < stages:
+        raise SameOnEveryRank(f"--stages {stages} needs at least {stages} local modules; "
+                              f"{rule.expression} trains K={k}")
     return rule
 
 
@@ -225,12 +232,13 @@ class PipelineStep:
         return self.layout.rank_of(stage)
 
     def _lost(self, exc: Exception, what: str) -> StageLost:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\]\s*", "", str(exc)).strip()  # Gloo's source line
+        first = text.splitlines()[0] if text else type(exc).__name__
         return StageLost(f"stage {self.layout.stage} (rank {self.layout.rank}) lost its peer "
                          f"while {what} ({first[:160]}): another process of this pipelined job "
                          "stopped; every stage stops")
 
-    def _receive(self, batch_shape_hint: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _receive(self) -> tuple[Tensor, Tensor, Tensor]:
         src = self._peer(self.layout.stage - 1)
         header = torch.zeros(HEADER, dtype=torch.long)
         start = time.perf_counter()
@@ -274,7 +282,7 @@ class PipelineStep:
         if self.first:
             x = images
         else:
-            x, images, targets = self._receive(len(targets))
+            x, images, targets = self._receive()
         local: dict[int, Tensor] = {}
         loss = logits = None
         with autocast(self.device, self.precision):
