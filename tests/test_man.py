@@ -198,6 +198,8 @@ def test_options_and_one_line_errors(capsys):
         expr.build("man(dgl, learn_scale=sometimes)")
     with pytest.raises(UserError, match="k"):
         expr.build("man(dgl, k=2)")  # MAN has no cascade depth
+    with pytest.raises(UserError, match="the head of module 3 is empty"):
+        build("man(infopro(ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0))", 5)
     code = main(["fit", "--rule", "man(dgl, ema=2)", "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("localearn: error: ") and err.count("\n") == 1

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from localearn.errors import UserError
 from localearn.interfaces import DataInfo, HeadFactory, SplitNetwork
 
 from .mlaan import MLAAN
@@ -59,6 +60,11 @@ class MAN(MLAAN):
 
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         aux = super().setup(net, info)
+        for i, head in zip(self.cascades, self.cascade_heads):
+            if not any(True for _ in head.parameters()):  # e.g. infopro with both weights 0
+                raise UserError(f"man: the head of module {i} is empty (its loss weights are "
+                                "0), and nothing else trains that module under MAN; give the "
+                                "base rule weights above 0 there (e.g. infopro's ixx_2, ixy_2)")
         if self.learn_scale:  # s_j, one scalar per boundary, starting at 1.0 (MAN's sum)
             self.scales = nn.ParameterList(nn.Parameter(torch.ones(()))
                                            for _ in self.cascades)
