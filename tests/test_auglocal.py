@@ -198,12 +198,29 @@ def test_options_and_errors(capsys):
     assert "d must be at least 1" in err
 
 
+def test_timm_resnets_get_blocks_of_their_own_kind():
+    from localearn_plugins.auglocal import make_block
+    from timm.models.resnet import BasicBlock as TimmBasic
+    from timm.models.resnet import Bottleneck
+
+    rule, net, aux = build("auglocal(d=2)", "resnet34", 17)  # 14 local modules
+    assert len(aux) == 14 and all(isinstance(b, TimmBasic) for h in aux for b in h.blocks)
+    assert rule.plan[0] == ([8, 16], 2)  # stem: blocks shaped like units 8 and 16 (the last)
+    result = rule.train_step(PlainContext(), net, torch.randn(2, 3, 32, 32), torch.arange(2))
+    assert torch.isfinite(result.loss) and len(result.local_losses) == 14
+    assert all(p.grad is not None for p in net.parameters())
+    like = Bottleneck(256, 64)  # ResNet-101/152's kind: 256 -> 512 channels, stride 2
+    block = make_block(like, 256, 512, 2)
+    assert isinstance(block, Bottleneck)
+    assert block(torch.zeros(1, 256, 8, 8)).shape == (1, 512, 4, 4)
+
+
 def test_other_backbones_are_refused_in_one_line():
     rule = expr.build("auglocal")
     from localearn.network import build_network
 
-    with pytest.raises(UserError, match="CIFAR ResNet BasicBlocks; resnet34 has other"):
-        build_network("resnet34", 17, rule, 10, (3, 32, 32))
+    with pytest.raises(UserError, match="as ResNet blocks; convnext_tiny has Sequential units"):
+        build_network("convnext_tiny", 8, rule, 10, (3, 32, 32))
 
 
 # --------------------------------------------------------------------- resume, memory, bench

@@ -55,6 +55,26 @@ def pyramid_depth(d: int, tau: float, index: int, num_local: int) -> int:
     return max(1, round(d * (1 - ratio) + ratio))
 
 
+def _block_kinds() -> tuple[type, ...]:
+    from timm.models import resnet as timm_resnet
+
+    return BasicBlock, timm_resnet.BasicBlock, timm_resnet.Bottleneck
+
+
+def make_block(like: nn.Module, cin: int, cout: int, stride: int) -> nn.Module:
+    """A fresh residual block of ``like``'s kind from ``cin`` to ``cout`` channels: localearn's
+    CIFAR `BasicBlock`, or timm's BasicBlock / Bottleneck (with a 1x1 convolution and BN on
+    the shortcut when the shape changes)."""
+    if isinstance(like, BasicBlock):
+        return BasicBlock(cin, cout, stride)
+    kind = type(like)
+    shortcut = None
+    if stride != 1 or cin != cout:
+        shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                 nn.BatchNorm2d(cout))
+    return kind(cin, cout // kind.expansion, stride, shortcut)
+
+
 def _init(module: nn.Module) -> None:
     """The backbone's initialisation (He normal, fan-out, for convolutions; BN at 1 and 0)."""
     for m in module.modules():
@@ -66,15 +86,15 @@ def _init(module: nn.Module) -> None:
 
 
 class AugLocalHead(AuxHead):
-    """Fresh BasicBlocks shaped like the sampled units (``layers``' output shapes), then global
-    average pooling, BatchNorm1d when the requested ``depth`` is at most 1 (as the public code
-    does), and ``Linear(C, classes)``; cross-entropy.
+    """Fresh blocks of the backbone's kind shaped like the sampled units (``layers``' output
+    shapes), then global average pooling, BatchNorm1d when the requested ``depth`` is at most
+    1 (as the public code does), and ``Linear(C, classes)``; cross-entropy.
 
     A block has the target unit's width and stride 2 while the spatial size is larger than the
     target's: at most one stride 2 per block, as in the public code, so a block that skips a
     stage leaves the rest of the down-sampling to the next block (or to the pooling)."""
 
-    def __init__(self, shape: Shape, info: DataInfo, layers: list[int],
+    def __init__(self, shape: Shape, info: DataInfo, layers: list[int], units: list[nn.Module],
                  unit_shapes: list[Shape], depth: int) -> None:
         super().__init__(shape, info)
         self.layers, self.depth = list(layers), depth
@@ -83,7 +103,7 @@ class AugLocalHead(AuxHead):
         for u in layers:
             width, height = unit_shapes[u][0], unit_shapes[u][1]
             stride = 2 if h > height else 1
-            blocks.append(BasicBlock(c, width, stride))
+            blocks.append(make_block(units[u], c, width, stride))
             c, h = width, math.ceil(h / stride)
         self.blocks = nn.Sequential(*blocks)
         norm = [nn.BatchNorm1d(c)] if depth <= 1 else []
@@ -132,10 +152,13 @@ class AugLocal(LocalRule):
         return k
 
     def configure(self, net: SplitNetwork) -> None:
-        if not all(isinstance(u, BasicBlock) for u in net.units[1:]):
+        other = [u for u in net.units[1:] if not isinstance(u, _block_kinds())]
+        if other:
             name = net.model_name or "this model"
-            raise UserError(f"auglocal builds its auxiliary blocks as CIFAR ResNet BasicBlocks; "
-                            f"{name} has other blocks (supported: resnet32, resnet110)")
+            raise UserError(f"auglocal builds its auxiliary blocks as ResNet blocks; {name} has "
+                            f"{type(other[0]).__name__} units (supported: resnet32, resnet110, "
+                            "resnet34, resnet101, resnet152)")
+        self._units = list(net.units)  # a plain list: the blocks' kinds, never trained here
         self._last_units = [r[-1] for r in net.unit_ranges]
         self._unit_shapes = list(net.unit_shapes)
         self._num_local = self.num_local(net.k)
@@ -143,7 +166,7 @@ class AugLocal(LocalRule):
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         depth = pyramid_depth(self.d, self.tau, index, self._num_local)
         layers = sampled_layers(self._last_units[index], len(self._unit_shapes), depth)
-        return AugLocalHead(shape, info, layers, self._unit_shapes, depth)
+        return AugLocalHead(shape, info, layers, self._units, self._unit_shapes, depth)
 
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         self.configure(net)  # again, for a network not made by build_network
