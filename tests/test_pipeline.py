@@ -1,0 +1,192 @@
+"""Pipelined training (``fit --stages N``): a run of a purely local rule split into stages, one
+process each, ends bitwise equal to the one-process run (one thread per process); resume after
+SIGKILL is exact; a stage that dies stops the others with one line; bad stage settings are one
+line. The cuts balancer is checked against brute force."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from localearn import expr, registry
+from localearn.cli import main
+from localearn.engine.pipeline import balance, check_pipelinable, parse_stage_cuts
+from localearn.errors import SameOnEveryRank
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "tests" / "pipeline_job.py"
+# 4 batches of 32 per epoch, K=4: a few seconds of work per process
+BASE = ["--model", "resnet32", "--k", "4", "--dataset", "digits", "--train-limit", "128",
+        "--test-limit", "64", "--batch-size", "32", "--lr", "0.05", "--no-progress"]
+
+
+def _probe_class() -> type:
+    spec = importlib.util.spec_from_file_location("pipeline_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Probe
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOCALEARN_TIMEOUT="60")
+    env.pop("RANK", None)
+    return env
+
+
+def one_process(args: list[str]) -> None:
+    """The reference run, in this process on one thread (as each pipelined process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["fit", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torchrun(nproc: int, args: list[str], **kw) -> subprocess.Popen:
+    # torchrun through localearn's wrapper, as `localearn fit --stages` starts it
+    cmd = [sys.executable, "-c", "import sys; from localearn.distributed import torchrun; "
+           "sys.exit(torchrun(sys.argv[1:]))", "--standalone", f"--nproc-per-node={nproc}",
+           str(JOB), "fit", *args]
+    return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun's workers have their own process
+    groups), children first seen before any is killed."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def same_runs(a: Path, b: Path) -> None:
+    """Weights, buffers, optimizer state and history of two finished runs are bitwise equal."""
+    x = torch.load(a / "checkpoint.pt", weights_only=False)
+    y = torch.load(b / "checkpoint.pt", weights_only=False)
+    for part in ("model", "aux"):
+        assert x[part].keys() == y[part].keys()
+        for key in x[part]:
+            assert torch.equal(x[part][key], y[part][key]), f"{part}.{key} differs"
+    sx, sy = x["optimizer"]["state"], y["optimizer"]["state"]
+    assert sx.keys() == sy.keys() and len(sx) > 0
+    for i in sx:
+        for name in sx[i]:
+            assert torch.equal(torch.as_tensor(sx[i][name]), torch.as_tensor(sy[i][name]))
+    keys = ("train_loss", "train_acc", "local_losses", "test_acc", "batches")
+    assert [{k: r[k] for k in keys} for r in x["history"]] == \
+        [{k: r[k] for k in keys} for r in y["history"]]
+    assert x["step"] == y["step"]
+
+
+def test_balance_is_the_best_contiguous_split():
+    rng = random.Random(0)
+    for _ in range(30):
+        k = rng.randint(2, 9)
+        costs = [rng.uniform(0.1, 5.0) for _ in range(k)]
+        for n in range(1, k + 1):
+            starts = balance(costs, n)
+            assert len(starts) == n - 1 and starts == sorted(set(starts))
+            bounds = [0, *starts, k]
+            got = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+            best = min(max(sum(costs[a:b]) for a, b in zip([0, *cut], [*cut, k]))
+                       for cut in itertools.combinations(range(1, k), n - 1))
+            assert got == pytest.approx(best)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("4,x", "expected the module indices"), ("4", r"3 stages need 2 cut\(s\)"),
+    ("3,3", "increase strictly"), ("0,2", "increase strictly"), ("2,4", "increase strictly")])
+def test_bad_stage_cuts_are_one_line(text, why):
+    with pytest.raises(SameOnEveryRank, match=why):
+        parse_stage_cuts(text, 4, 3)
+    assert parse_stage_cuts("1,3", 4, 3) == [1, 3]
+
+
+def test_rules_that_cannot_be_pipelined_are_refused(capsys):
+    with pytest.raises(SameOnEveryRank, match="is not one"):
+        check_pipelinable(expr.build("mlaan(dgl)"), 16, 2)
+    with pytest.raises(SameOnEveryRank, match="needs at least 3 local modules"):
+        check_pipelinable(expr.build("dgl"), 2, 3)
+    # from the command line: one line, exit 2, before any worker starts
+    assert main(["fit", "--rule", "bp", "--stages", "2", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stages trains rules" in err[0]
+
+
+def test_two_stages_equal_one_process_dgl(tmp_path):
+    one_process([*BASE, "--rule", "dgl", "--epochs", "1", "--out", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "localearn", "fit", *BASE, "--rule", "dgl", "--epochs", "1",
+           "--stages", "2", "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 processes" in done.stdout
+    same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_three_stages_equal_one_process_infopro(tmp_path):
+    args = [*BASE, "--rule", "infopro", "--epochs", "1"]
+    one_process([*args, "--out", str(tmp_path / "one")])
+    job = torchrun(3, [*args, "--stages", "3", "--stage-cuts", "1,3",
+                       "--out", str(tmp_path / "three")])
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    same_runs(tmp_path / "one", tmp_path / "three")
+
+
+def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path):
+    registry.register("rule", "probe", _probe_class())
+    args = [*BASE, "--rule", "probe", "--epochs", "3", "--checkpoint-every", "2"]
+    one_process([*args, "--out", str(tmp_path / "one")])
+    run = tmp_path / "two"
+    job = torchrun(2, [*args, "--stages", "2", "--out", str(run)])
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run / "checkpoints").glob("step-*.pt")):
+        assert job.poll() is None, job.communicate()[1]
+        time.sleep(0.2)
+    kill_tree(job.pid)  # every process of the job, without warning
+    job.communicate()
+    assert not (run / "checkpoint.pt").exists()  # it did not finish
+    resumed = torchrun(2, [*args, "--stages", "2", "--out", str(run), "--resume"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming from" in out
+    same_runs(tmp_path / "one", run)
+
+
+def test_a_dead_stage_stops_the_others_with_one_line(tmp_path):
+    registry.register("rule", "probe", _probe_class())
+    job = torchrun(2, [*BASE, "--rule", "probe(crash_at=3)", "--epochs", "2", "--stages", "2",
+                       "--out", str(tmp_path / "run")])
+    start = time.time()
+    out, err = job.communicate(timeout=120)  # no hang
+    assert job.returncode != 0
+    assert time.time() - start < 120
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("localearn: error:")]
+    assert errors and all("pipelined job stopped" in line for line in errors), err
