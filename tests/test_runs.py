@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from localearn_plugins.dgl import DGL
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -194,3 +195,20 @@ def test_export_loads_into_the_plain_backbone_with_the_same_logits(first, monkey
         assert not torch.allclose(fresh(images), trained, atol=1e-2)  # the weights matter
     assert info["class_names"] == DIGIT_CLASSES and info["input_shape"] == (3, 32, 32)
     assert os.path.getsize(out) > 0
+
+
+def test_seeds_without_a_folder_get_one_new_folder(first, monkeypatch):
+    root, _ = first
+    monkeypatch.chdir(root)
+    proto = DGL()
+    repeats = localearn.fit(rule=proto, model="tiny", k=2, epochs=1, train_limit=64,
+                            test_limit=32, batch_size=32, device="cpu", seeds=[1, 2])
+    parent = repeats.run_dir
+    assert parent.parent == Path("runs") and parent.name.endswith("-dgl-tiny-k2-seeds"), parent
+    assert sorted(p.name for p in parent.iterdir()) == ["seed-1", "seed-2", "seeds.json"]
+    assert [r.run_dir for r in repeats.results] == [parent / "seed-1", parent / "seed-2"]
+    # each seed trained a fresh copy of the rule object, never the same heads twice
+    a, b = (r.rule for r in repeats.results)
+    assert a is not b and a is not proto and not proto.heads
+    saved = json.loads((parent / "seeds.json").read_text())
+    assert saved["test_acc"] == [r.test_acc for r in repeats.results]
