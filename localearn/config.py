@@ -77,8 +77,8 @@ class FitConfig(BaseModel):
         None, ge=1, description="also checkpoint every N steps (always at each epoch end)")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     resume: str | None = Field(
-        None, description="continue a run: alone, from the newest checkpoint in --output-dir; "
-        "or from a checkpoint file or run folder",
+        None, description="continue a run: alone, from the newest checkpoint in --out (without "
+        "--out: of the newest run under runs/); or from a checkpoint file or run folder",
         json_schema_extra={"flag": {"nargs": "?", "const": "latest", "metavar": "PATH"}})
     log_every: int = Field(50, ge=1, description="write a steps.jsonl row every N steps")
     tensorboard: bool = Field(False, description="also write TensorBoard events to "
