@@ -190,3 +190,20 @@ def test_a_dead_stage_stops_the_others_with_one_line(tmp_path):
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("localearn: error:")]
     assert errors and all("pipelined job stopped" in line for line in errors), err
+
+
+def test_bench_stages_reports_throughput_and_idle(capsys):
+    """`localearn bench --stages 2` times the pipelined job and one process (figures vary with
+    the machine's load: only their presence and sanity are asserted)."""
+    args = ["bench", "--rule", "dgl", "--k", "4", "--batch-size", "8", "--stages", "2",
+            "--steps", "2", "--warmup", "1", "--stage-cuts", "2", "--json"]
+    assert main(args) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    p = report["pipelined"]
+    assert p["stages"] == 2 and p["starts"] == [2] and p["images_per_s"] > 0
+    assert len(p["idle"]) == 2 and all(0 <= v <= 1 for v in p["idle"])
+    assert set(report["one_process"]) == {"1", "2"}
+    assert report["speedup"]["1"] == pytest.approx(p["images_per_s"]
+                                                   / report["one_process"]["1"])

@@ -66,6 +66,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from localearn.measure import bench, format_bench
 
+    if args.stages > 1:
+        from localearn.measure import resolve
+        from localearn.measure_stages import bench_stages, format_stages
+
+        spec = {**resolve(_spec(args)).model_dump(), "stage_cuts": args.stage_cuts}
+        report = bench_stages(spec, args.stages, warmup=args.warmup, steps=args.steps,
+                              threads=args.threads)
+        print(report.model_dump_json(indent=2) if args.json else format_stages(report))
+        return 0
+
     report = bench(_spec(args), vs=_vs(args.vs), vs_k=args.vs_k, warmup=args.warmup,
                    steps=args.steps, progress=_progress(args))
     print(json.dumps(report.model_dump(mode="json"), indent=2) if args.json
@@ -101,4 +111,11 @@ def add_commands(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=2, help="warm-up steps each (default: 2)")
     b.add_argument("--steps", type=int, default=10,
                    help="timed steps each, interleaved (default: 10)")
+    b.add_argument("--stages", type=int, default=1,
+                   help="time pipelined training in N processes (one per stage) against one "
+                        "process instead of a baseline rule (default: 1, off)")
+    b.add_argument("--stage-cuts", help="with --stages: the modules where stages 1.. start "
+                                        "(default: balanced by FLOPs)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="with --stages: threads per process (default: 1)")
     b.set_defaults(func=cmd_bench)
