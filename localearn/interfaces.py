@@ -323,6 +323,14 @@ class LocalRule(UpdateRule):
             loss, x = self.module_loss(net, i, x, images, targets)
             yield loss, x
 
+    @property
+    def pipelinable(self) -> bool:
+        """True if a step of this rule is exactly `module_loss` module by module, so pipelined
+        training (``--stages``) may run the modules in different processes. A subclass that
+        replaces `train_step` or `losses` is not, unless it says so."""
+        cls = type(self)
+        return cls.train_step is LocalRule.train_step and cls.losses is LocalRule.losses
+
     def module_loss(self, net: SplitNetwork, index: int, x: Tensor, images: Tensor,
                     targets: Tensor) -> tuple[Tensor, Tensor]:
         """Module ``index`` on the detached ``x`` (the previous module's output, or the

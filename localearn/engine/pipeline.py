@@ -167,8 +167,7 @@ def stage_ranges(starts: list[int], k: int) -> list[range]:
 
 def check_pipelinable(rule: UpdateRule, k: int | None, stages: int) -> LocalRule:
     """The rule, if ``--stages`` can train it (``k=None``: not knowing K yet)."""
-    if not isinstance(rule, LocalRule) or type(rule).train_step is not LocalRule.train_step \
-            or type(rule).losses is not LocalRule.losses:
+    if not isinstance(rule, LocalRule) or not rule.pipelinable:
         raise SameOnEveryRank(
             f"--stages trains rules whose step is LocalRule's (dgl, infopro, linear and rules "
             f"built on LocalRule.module_loss); {rule.expression} is not one: train it without "

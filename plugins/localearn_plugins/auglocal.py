@@ -179,8 +179,14 @@ class AugLocal(LocalRule):
         return {"heads": nn.ModuleList(h.classifier for h in aux),
                 "blocks": nn.ModuleList(h.blocks for h in aux)}
 
+    @property
+    def pipelinable(self) -> bool:
+        return not self.merge_tail  # then every module is local: LocalRule's step
+
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:
+        if not self.merge_tail:
+            return super().train_step(ctx, net, images, targets)
         # modules 0..n-1 are local (input detached, own head); modules n..K-1 run end to end
         # and the final cross-entropy trains them together
         n = len(self.heads)
