@@ -60,6 +60,9 @@ class FitConfig(BaseModel):
         None, description="repeat the run once per seed (e.g. 0,1,2), each in OUTPUT_DIR/seed-N, "
         "and report the mean and spread of the last and best test accuracy")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
+    data_on_device: bool = Field(
+        False, description="keep the training images (at most 1 GiB) on the device, decoded "
+        "once, and crop, flip and normalise them there; no loader workers for training")
     output_dir: Path | None = Field(
         None, description="the run's folder (also --out); default: a new folder "
         "runs/<date>-<time>-<rule>-<model>-k<K> per run")

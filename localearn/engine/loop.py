@@ -184,10 +184,18 @@ class Trainer:
         self.data_rank, self.data_world = ((layout.replica, layout.replicas) if layout
                                            else (env.rank, env.world_size))
         pin = self.device.type == "cuda"
-        self.train_loader = make_loader(self.data.train, batch_size=cfg.batch_size, train=True,
-                                        workers=cfg.workers, seed=cfg.seed,
-                                        rank=self.data_rank, world_size=self.data_world,
-                                        pin_memory=pin)
+        if cfg.data_on_device:  # decoded once, kept and augmented on the device
+            from localearn.data.on_device import device_loader
+
+            self.train_loader = device_loader(self.data.train, batch_size=cfg.batch_size,
+                                              device=self.device, workers=cfg.workers,
+                                              seed=cfg.seed, rank=self.data_rank,
+                                              world_size=self.data_world)
+        else:
+            self.train_loader = make_loader(self.data.train, batch_size=cfg.batch_size,
+                                            train=True, workers=cfg.workers, seed=cfg.seed,
+                                            rank=self.data_rank, world_size=self.data_world,
+                                            pin_memory=pin)
         sampler = self.train_loader.sampler
         self.train_sampler = sampler if isinstance(sampler, ShardSampler) else None
         self.test_loader = make_loader(self.data.test, batch_size=max(256, cfg.batch_size),
