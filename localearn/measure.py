@@ -313,11 +313,30 @@ def cpu_peak(fn: Callable[[], T]) -> tuple[T, int]:
     return result, replay_peak(cpu_memory_events(prof))
 
 
-def cpu_memory_events(prof: torch.profiler.profile) -> list[tuple[int, int]]:
+def cpu_memory_source(prof: torch.profiler.profile) -> tuple[list[tuple[int, int]], str]:
     """``(time_ns, signed bytes)`` of every CPU allocation and free a finished
-    ``profile(profile_memory=True)`` recorded, in time order."""
-    return sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    ``profile(profile_memory=True)`` recorded, in time order, and where they came from:
+    ``"kineto_results"`` (the profiler's raw results, a private attribute: every allocation)
+    or, where a torch release moved that, ``"events"`` (the public ``prof.events()``: each
+    op's own net allocation at its start, or its free at its end; op granularity, coarser)."""
+    try:
+        raw = prof.profiler.kineto_results.events()
+        return sorted((e.start_ns(), e.nbytes()) for e in raw
+                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), \
+            "kineto_results"
+    except (AttributeError, TypeError, RuntimeError):  # private API moved or changed
+        pass
+    events = []
+    for e in prof.events():
+        n = e.self_cpu_memory_usage
+        if n:  # times in microseconds
+            events.append((round(1000 * (e.time_range.start if n > 0 else e.time_range.end)), n))
+    return sorted(events), "events"
+
+
+def cpu_memory_events(prof: torch.profiler.profile) -> list[tuple[int, int]]:
+    """The events of `cpu_memory_source`, from whichever path this torch allows."""
+    return cpu_memory_source(prof)[0]
 
 
 # --------------------------------------------------------------------------- memory
