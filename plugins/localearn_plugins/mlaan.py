@@ -329,6 +329,7 @@ class MLAAN(UpdateRule):
         pending: list[Tensor | None] = [None] * K  # independent-loss gradient at each output
         local: list[Tensor] = []
         self._rng: dict[int, tuple] = {}
+        self._acc: list[Tensor | None] = [None] * K  # summed output gradients (`_route_lean`)
         x = images
         for i, module in enumerate(net.local_modules):
             a = x.detach().requires_grad_(i > 0)
@@ -376,6 +377,8 @@ class MLAAN(UpdateRule):
                outs: list, pending: list) -> None:
         """Send cascade i's gradient at module i's output back through modules
         max(0, i-k+1)..i, freeing each module's graph at its last use."""
+        if self.fuse and not self.recompute:
+            return self._route_lean(net, name, i, grad, ins, outs, pending)
         K, start = net.k, max(0, i - self.k + 1)
         for j in range(i, start - 1, -1):
             last = i == min(j + self.k - 1, K - 1)
@@ -391,6 +394,35 @@ class MLAAN(UpdateRule):
             if last:
                 ins[j] = outs[j] = None  # free module j's graph
                 self._ctx.grads_ready(list(net.local_modules[j].parameters()))
+
+    def _route_lean(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
+                    outs: list, pending: list) -> None:
+        """`_route` with each module's weight gradient taken once: a weight gradient is linear
+        in the gradient at the module's output, so the gradients every loss sends to module j
+        are summed (``self._acc[j]``) and its parameters get one backward pass at j's last use;
+        before that, a cascade that goes on past j needs only the gradient at j's input (a
+        pass that skips the weight gradients). Per module: k-1 input-gradient passes and one
+        weight-gradient pass, instead of k passes computing both."""
+        K, start = net.k, max(0, i - self.k + 1)
+        acc = self._acc
+        for j in range(i, start - 1, -1):
+            self.trace.append(f"{name} @ module {j}")
+            last = i == min(j + self.k - 1, K - 1)
+            go_on = j > start
+            acc[j] = grad if acc[j] is None else acc[j] + grad
+            if go_on:  # the gradient at j's input only (autograd skips the weight gradients)
+                self._ctx.backward_from(outs[j], grad, inputs=[ins[j]], retain_graph=True)
+                g, ins[j].grad = ins[j].grad, None
+            if last:
+                if pending[j] is not None:
+                    acc[j] = acc[j] + pending[j]
+                    pending[j] = None
+                self._ctx.backward_from(outs[j], acc[j],
+                                        inputs=list(net.local_modules[j].parameters()))
+                ins[j] = outs[j] = acc[j] = None  # free module j's graph
+                self._ctx.grads_ready(list(net.local_modules[j].parameters()))
+            if go_on:
+                grad = g
 
     def _backward_module(self, net: SplitNetwork, name: str, j: int, grad: Tensor,
                          go_on: bool, last: bool, ins: list, outs: list) -> Tensor | None:
