@@ -153,9 +153,9 @@ def resnet8(monkeypatch) -> str:
 
 
 def test_digits_fit_with_data_on_device_learns(resnet8, tmp_path):
-    # dgl, ResNet-8 in K=2, 5 epochs: 93.8% measured (seed 0; 95.8% with the normal loader);
-    # chance is 10%, the bar 85%
-    cfg = make_config(rule="dgl", model=resnet8, k=2, epochs=5, batch_size=64, lr=0.1,
+    # dgl, ResNet-8 in K=2, 3 epochs of batch 32: 94.4%, 94.9%, 95.8% measured with seeds
+    # 0, 1, 2; chance is 10%, the bar 85%
+    cfg = make_config(rule="dgl", model=resnet8, k=2, epochs=3, batch_size=32, lr=0.1,
                       data_on_device=True, device="cpu", progress=False, output_dir=tmp_path)
     trainer = Trainer(cfg)
     assert isinstance(trainer.train_loader, on_device.DeviceBatches)
@@ -165,10 +165,12 @@ def test_digits_fit_with_data_on_device_learns(resnet8, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_data_on_device_cuda(resnet8, tmp_path):
-    cfg = make_config(rule="dgl", model=resnet8, k=2, epochs=1, batch_size=64,
+    # the CPU test's run on the GPU (other crops and flips: drawn by CUDA's generator)
+    cfg = make_config(rule="dgl", model=resnet8, k=2, epochs=3, batch_size=32, lr=0.1,
                       data_on_device=True, device="cuda", progress=False, output_dir=tmp_path)
     trainer = Trainer(cfg)
     x, y = next(iter(trainer.train_loader))
-    assert x.is_cuda and y.is_cuda and x.shape == (64, 3, 32, 32)
+    assert x.is_cuda and y.is_cuda and x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
+    assert trainer.train_loader.images.is_cuda  # the whole split lives there
     result = trainer.fit()
-    assert result.test_acc > 0.3, result.history
+    assert result.test_acc > 0.85, result.history
