@@ -46,6 +46,17 @@ def test_every_crop_and_flip_equals_the_cpu_pipelines(mode):
                     torch.testing.assert_close(got[b], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_crops_gathered_on_cuda_equal_the_cpu_pipelines():
+    ds = indexed_images(4, padding=2, mode="reflect")
+    loader = device_loader(ds, batch_size=4, device="cuda")
+    offsets, flips = torch.tensor([[0, 4], [3, 1]]), torch.tensor([True, False])
+    got = loader.batch(torch.tensor([0, 2], device="cuda"), offsets.cuda(), flips.cuda()).cpu()
+    for b, (k, (i, j), flip) in enumerate(zip([0, 2], offsets.tolist(), flips.tolist())):
+        want = reference(ds.images[k], i, j, flip, 2, "reflect")
+        torch.testing.assert_close(got[b], want, rtol=0, atol=1e-5)
+
+
 def test_augmentation_is_visible_on_a_known_image():
     # a horizontal ramp: a flip reverses it, a crop shifts it (reflect padding at the border)
     ramp = torch.arange(8, dtype=torch.uint8).mul(30).expand(3, 8, 8).contiguous()
