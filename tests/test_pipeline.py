@@ -128,8 +128,13 @@ def test_bad_stage_cuts_are_one_line(text, why):
 
 
 def test_rules_that_cannot_be_pipelined_are_refused(capsys):
-    with pytest.raises(SameOnEveryRank, match="is not one"):
-        check_pipelinable(expr.build("mlaan(dgl)"), 16, 2)
+    for text in ("bp", "auglocal", "mlaan(dgl, recompute=true)"):
+        with pytest.raises(SameOnEveryRank, match="is neither|drop recompute"):
+            rule = expr.build(text)
+            check_pipelinable(rule, 16, 2)
+            from localearn.engine.pipeline_mlaan import check_cascaded
+
+            check_cascaded(rule)
     with pytest.raises(SameOnEveryRank, match="needs at least 3 local modules"):
         check_pipelinable(expr.build("dgl"), 2, 3)
     # from the command line: one line, exit 2, before any worker starts
@@ -153,6 +158,18 @@ def test_three_stages_equal_one_process_infopro(tmp_path):
     args = [*BASE, "--rule", "infopro", "--epochs", "1"]
     one_process([*args, "--out", str(tmp_path / "one")])
     job = torchrun(3, [*args, "--stages", "3", "--stage-cuts", "1,3",
+                       "--out", str(tmp_path / "three")])
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    same_runs(tmp_path / "one", tmp_path / "three")
+
+
+def test_mlaan_on_three_stages_in_sync_mode_equals_one_process(tmp_path):
+    """Cascades of depth 3 cross both boundaries (their gradients go back a stage) and the
+    first stage's last LAM reads a twin of a block on the second stage."""
+    args = [*BASE, "--rule", "mlaan(dgl, k=3, p=2)", "--k", "6", "--epochs", "1"]
+    one_process([*args, "--out", str(tmp_path / "one")])
+    job = torchrun(3, [*args, "--stages", "3", "--stage-cuts", "2,4",
                        "--out", str(tmp_path / "three")])
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err

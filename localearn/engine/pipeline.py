@@ -165,13 +165,15 @@ def stage_ranges(starts: list[int], k: int) -> list[range]:
 # ----------------------------------------------------------------------------- the step
 
 
-def check_pipelinable(rule: UpdateRule, k: int | None, stages: int) -> LocalRule:
+def check_pipelinable(rule: UpdateRule, k: int | None, stages: int) -> UpdateRule:
     """The rule, if ``--stages`` can train it (``k=None``: not knowing K yet)."""
-    if not isinstance(rule, LocalRule) or not rule.pipelinable:
+    from localearn.engine.pipeline_mlaan import is_cascaded
+
+    if not (isinstance(rule, LocalRule) and rule.pipelinable) and not is_cascaded(rule):
         raise SameOnEveryRank(
             f"--stages trains rules whose step is LocalRule's (dgl, infopro, linear and rules "
-            f"built on LocalRule.module_loss); {rule.expression} is not one: train it without "
-            "--stages")
+            f"built on LocalRule.module_loss) and MLAAN's (mlaan, mlm, lam, man, hpff); "
+            f"{rule.expression} is neither: train it without --stages")
     if k is not None and k < stages:
         raise SameOnEveryRank(f"--stages {stages} needs at least {stages} local modules; "
                               f"{rule.expression} trains K={k}")
@@ -223,8 +225,13 @@ class PipelineStep:
                 out.append(self.rule.heads[i])
         return out
 
+    def owned_extras(self, stage: int) -> list[nn.Parameter]:
+        """Parameters of ``stage`` outside its modules (none here)."""
+        return []
+
     def owned_params(self, stage: int) -> list[nn.Parameter]:
-        return [p for m in self.owned_modules(stage) for p in m.parameters() if p.requires_grad]
+        params = [p for m in self.owned_modules(stage) for p in m.parameters()]
+        return [p for p in [*params, *self.owned_extras(stage)] if p.requires_grad]
 
     # -- communication
     def _peer(self, stage: int) -> int:
@@ -389,8 +396,10 @@ class PipelineStep:
         src = self.layout.rank_of(stage, 0)
         mine = self.layout.rank == src
         modules = self.owned_modules(stage)
-        params = [p for m in modules for p in m.parameters()]
+        extras = self.owned_extras(stage)
+        params = [p for m in modules for p in m.parameters()] + extras
         tensors = [t.data for m in modules for t in [*m.parameters(), *m.buffers()]]
+        tensors += [p.data for p in extras]
         # the optimizer's per-parameter state: names and plain values travel as an object
         keys = None
         if mine:
@@ -432,10 +441,18 @@ def pipeline_step(cfg: Any, rule: UpdateRule, net: SplitNetwork, aux: nn.Module,
                   env: dist_.DistEnv) -> PipelineStep:
     """The `PipelineStep` of this process for ``cfg.stages`` stages (cut by ``cfg.stage_cuts``
     or balanced by FLOPs)."""
+    from localearn.engine import pipeline_mlaan
+
     layout = layout_of(cfg.stages, env)
-    local = check_pipelinable(rule, net.k, cfg.stages)
+    cascaded = pipeline_mlaan.is_cascaded(rule)
+    if cascaded:
+        pipeline_mlaan.check_cascaded(rule, cfg.precision)
+    check_pipelinable(rule, net.k, cfg.stages)
     if cfg.stage_cuts:
         starts = parse_stage_cuts(cfg.stage_cuts, net.k, cfg.stages)
     else:
-        starts = balance(module_costs(local, net), cfg.stages)
-    return PipelineStep(local, net, aux, optimizer, device, layout, starts, cfg.precision)
+        costs = pipeline_mlaan.module_costs(rule, net) if cascaded else \
+            module_costs(rule, net)
+        starts = balance(costs, cfg.stages)
+    kind = pipeline_mlaan.MLAANStageStep if cascaded else PipelineStep
+    return kind(rule, net, aux, optimizer, device, layout, starts, cfg.precision)

@@ -396,16 +396,21 @@ class MLAAN(UpdateRule):
                 self._ctx.grads_ready(list(net.local_modules[j].parameters()))
 
     def _route_lean(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
-                    outs: list, pending: list) -> None:
+                    outs: list, pending: list, bottom: int = 0,
+                    top: int | None = None) -> Tensor | None:
         """`_route` with each module's weight gradient taken once: a weight gradient is linear
         in the gradient at the module's output, so the gradients every loss sends to module j
         are summed (``self._acc[j]``) and its parameters get one backward pass at j's last use;
         before that, a cascade that goes on past j needs only the gradient at j's input (a
         pass that skips the weight gradients). Per module: k-1 input-gradient passes and one
-        weight-gradient pass, instead of k passes computing both."""
+        weight-gradient pass, instead of k passes computing both.
+
+        Pipelined stages route the part of a cascade in their modules ``bottom..top`` (``grad``
+        is then the gradient at module ``top``'s output); the gradient at module ``bottom``'s
+        input returns when the cascade goes on below it (to the previous stage), else None."""
         K, start = net.k, max(0, i - self.k + 1)
         acc = self._acc
-        for j in range(i, start - 1, -1):
+        for j in range(i if top is None else min(i, top), max(start, bottom) - 1, -1):
             self.trace.append(f"{name} @ module {j}")
             last = i == min(j + self.k - 1, K - 1)
             go_on = j > start
@@ -423,6 +428,7 @@ class MLAAN(UpdateRule):
                 self._ctx.grads_ready(list(net.local_modules[j].parameters()))
             if go_on:
                 grad = g
+        return grad if start < bottom else None
 
     def _backward_module(self, net: SplitNetwork, name: str, j: int, grad: Tensor,
                          go_on: bool, last: bool, ins: list, outs: list) -> Tensor | None:

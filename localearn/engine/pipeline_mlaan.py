@@ -1,0 +1,289 @@
+"""MLAAN (and the rules built on it: man, hpff) across pipelined stages, in ``sync`` mode.
+
+A cascade of depth k that ends at module i trains modules i-k+1..i; when those modules live on
+two stages, the part of its gradient that reaches the first module of the later stage is sent
+back to the previous stage, which routes it on through its own modules before its optimizer
+step (backward locking, bounded: at most k-1 modules of the later stage are waited for). A
+leap-augmented module whose EMA twin follows a real block of a later stage gets that block's
+parameters and buffers from its stage after every optimizer step, and the twin is moved then,
+as in one process. Every gradient, twin and statistic is the one-process run's, so a run in
+this mode ends bitwise equal to it (one thread per process): `tests/test_pipeline.py`.
+
+The price is the waiting: a stage finishes step t only after the next stage has run the
+cascades that reach back into it, and starts step t+1 only once the next stage has stepped, so
+stages overlap little. Purely local rules (`PipelineStep`) do not wait at all.
+
+Messages between stage s and s+1, per step, in this order: activations forward (s to s+1);
+the gradients of the cascades that cross the boundary, in the order their cascades end (s+1 to
+s); the real blocks behind stage s's twins, after stage s+1's optimizer step (s+1 to s).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from localearn.engine.pipeline import Layout, PipelineStep
+from localearn.errors import SameOnEveryRank
+from localearn.interfaces import SplitNetwork, UpdateRule
+
+
+def is_cascaded(rule: UpdateRule) -> bool:
+    """True for MLAAN and the rules built on it (their step routes cascades)."""
+    return hasattr(rule, "cascades") and hasattr(rule, "_route_lean")
+
+
+def check_cascaded(rule: UpdateRule, precision: str = "32") -> None:
+    if getattr(rule, "recompute", False) or not getattr(rule, "fuse", True):
+        raise SameOnEveryRank(f"--stages trains {rule.expression} with its default step: drop "
+                              "recompute=true and fuse=false")
+    if precision == "16":
+        raise SameOnEveryRank(f"--stages trains {rule.expression} in precision 32 or bf16 "
+                              "(fp16's gradient scaler is not carried across stages)")
+
+
+def module_costs(rule, net: SplitNetwork, batch: int = 2) -> list[float]:
+    """Three times the forward FLOPs of each module with its heads and leap-augmented module
+    (a backward pass costs about twice a forward), counted in eval mode without gradients, so
+    nothing of the run changes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = net.training, rule.cascade_heads.training
+    net.eval()
+    for part in (rule.heads, rule.cascade_heads, rule.copies, rule.twins):
+        part.eval()
+    costs = []
+    x = torch.zeros(batch, *net.input_shape, device=next(net.parameters()).device)
+    targets = torch.zeros(batch, dtype=torch.long, device=x.device)
+    images = x
+    try:
+        with torch.no_grad():
+            for i, module in enumerate(net.local_modules):
+                with FlopCounterMode(display=False) as counter:
+                    out = module(x)
+                    if rule.independent and i < len(rule.heads):
+                        rule.heads[i].loss(out, targets, images)
+                    c = rule._position.get(i)
+                    if c is not None:
+                        rule.cascade_heads[c].loss(rule.lam_forward(i, out), targets, images)
+                costs.append(3.0 * counter.get_total_flops() or 1.0)
+                x = out
+    finally:
+        net.train(was[0])
+        for part in (rule.heads, rule.cascade_heads, rule.copies, rule.twins):
+            part.train(was[1])
+    return costs
+
+
+class MLAANStageStep(PipelineStep):
+    """One stage of a pipelined MLAAN run (sync mode)."""
+
+    def __init__(self, rule, net: SplitNetwork, aux: nn.Module,
+                 optimizer: torch.optim.Optimizer, device: torch.device, layout: Layout,
+                 starts: list[int], precision: str = "32") -> None:
+        self._unit_module = {u: i for i, r in enumerate(net.unit_ranges) for u in r}
+        super().__init__(rule, net, aux, optimizer, device, layout, starts, precision)
+        a, b = self.mine[0], self.mine[-1] + 1
+        self.first_module, self.end_module = a, b
+        k, K = rule.k, net.k
+        # cascades (and the final loss) that end on the next stage but reach into this one
+        ends = [*rule.cascades, K - 1]
+        self.incoming = [e for e in ends if e >= b and e - k + 1 < b] if not self.last else []
+        # the twins this stage's LAMs read, and the stage each one's real block lives on
+        self.my_twins = sorted({b_ for i in self.mine for b_ in self._twins_of(i)})
+        self.twin_source = {t: self.stage_of(self._unit_module[t]) for t in self.my_twins}
+        # what this stage sends after its optimizer step: real blocks behind earlier twins
+        self.twin_targets: dict[int, list[int]] = {}  # stage -> units, in order
+        for stage in range(layout.stages):
+            if stage == layout.stage:
+                continue
+            for t in self._stage_twins(stage):
+                if self.stage_of(self._unit_module[t]) == layout.stage:
+                    self.twin_targets.setdefault(stage, []).append(t)
+
+    # -- ownership
+    def stage_of(self, module: int) -> int:
+        return next(s for s, r in enumerate(self.ranges) if module in r)
+
+    def _twins_of(self, i: int) -> list[int]:
+        rule = self.rule
+        c = rule._position.get(i)
+        if c is None:
+            return []
+        blocks = rule.blocks[c]
+        return [b for j, b in enumerate(blocks)
+                if (j == 0 or rule.ema_blocks == "all") and str(b) in rule.twins]
+
+    def _stage_twins(self, stage: int) -> list[int]:
+        return sorted({t for i in self.ranges[stage] for t in self._twins_of(i)})
+
+    def owned_modules(self, stage: int) -> list[nn.Module]:
+        rule, out = self.rule, []
+        for i in self.ranges[stage]:
+            out.append(self.net.local_modules[i])
+            if rule.independent and i < len(rule.heads):
+                out.append(rule.heads[i])
+            c = rule._position.get(i)
+            if c is not None:
+                out += [rule.cascade_heads[c], rule.copies[c]]
+        # a twin is kept by the first stage that reads it
+        for t in self._stage_twins(stage):
+            if all(t not in self._stage_twins(s) for s in range(stage)):
+                out.append(rule.twins[str(t)])
+        return out
+
+    def owned_extras(self, stage: int) -> list[nn.Parameter]:
+        # MAN++'s learnable scale s, one per cascade, goes with its cascade
+        if not getattr(self.rule, "learn_scale", False):
+            return []
+        rule = self.rule
+        return [rule.scales[rule._position[i]] for i in self.ranges[stage]
+                if i in rule._position]
+
+    # -- messages
+    def _send_grad(self, grad: Tensor) -> None:
+        try:
+            dist.send(grad.detach().contiguous(), self._peer(self.layout.stage - 1))
+        except RuntimeError as exc:
+            raise self._lost(exc, "sending a cascade's gradient back") from None
+
+    def _recv_like(self, like: Tensor, stage: int, what: str) -> Tensor:
+        out = torch.empty_like(like)
+        try:
+            dist.recv(out, self._peer(stage))
+        except RuntimeError as exc:
+            raise self._lost(exc, what) from None
+        return out
+
+    def _block_tensors(self, unit: int) -> list[Tensor]:
+        block = self.net.units[unit]
+        return [t.data for t in [*block.parameters(), *block.buffers()]]
+
+    def _send_blocks(self) -> None:
+        for stage, units in self.twin_targets.items():
+            flat = torch.cat([t.reshape(-1).double() for u in units
+                              for t in self._block_tensors(u)])
+            try:
+                dist.send(flat, self._peer(stage))
+            except RuntimeError as exc:
+                raise self._lost(exc, "sending real blocks for EMA twins") from None
+
+    def _recv_blocks(self) -> None:
+        by_stage: dict[int, list[int]] = {}
+        for t in self.my_twins:
+            if self.twin_source[t] != self.layout.stage:
+                by_stage.setdefault(self.twin_source[t], []).append(t)
+        for stage, units in sorted(by_stage.items()):
+            tensors = [t for u in units for t in self._block_tensors(u)]
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float64,
+                               device=self.device)
+            start = 0
+            try:
+                dist.recv(flat, self._peer(stage))
+            except RuntimeError as exc:
+                raise self._lost(exc, "receiving real blocks for EMA twins") from None
+            for t in tensors:
+                t.copy_(flat[start:start + t.numel()].view_as(t))
+                start += t.numel()
+
+    # -- one step
+    def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
+        import time
+
+        from localearn.engine.step import autocast
+
+        began = time.perf_counter()
+        rule, net, ctx, K = self.rule, self.net, self.ctx, self.net.k
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.reducer is not None:
+            self.reducer.start()
+        x = images
+        if not self.first:
+            x, images, targets = self._receive()
+        rule._ctx, rule.trace = ctx, []
+        ins: list = [None] * K
+        outs: list = [None] * K
+        pending: list = [None] * K
+        rule._acc = [None] * K
+        local: dict[int, Tensor] = {}
+        final = o = None
+        bottom = self.first_module
+        with autocast(self.device, self.precision):
+            for i in self.mine:
+                a = x.detach().requires_grad_(i > 0)
+                o = net.local_modules[i](a)
+                ins[i], outs[i] = a, o
+                if i == self.mine[-1] and not self.last:
+                    self._send(o, images, targets)
+                leaf = o.detach().requires_grad_()
+                if i < K - 1:
+                    indep = leaf.new_zeros(())
+                    own = list(rule.heads[i].parameters()) if rule.independent else []
+                    if rule.independent:
+                        indep = rule.heads[i].loss(leaf, targets, images)
+                        pending[i] = rule._head_grad(f"independent {i}", rule.wx * indep, leaf)
+                    c = rule._position.get(i)
+                    if c is None:
+                        ctx.grads_ready(own)
+                        local[i] = (rule.wx * indep).detach()
+                        x = o.detach()
+                        continue
+                    leaf = o.detach().requires_grad_()
+                    cascade = rule.cascade_heads[c].loss(rule.lam_forward(i, leaf), targets,
+                                                         images)
+                    grad = rule._head_grad(f"cascade {i}", rule.wy * cascade, leaf)
+                    ctx.grads_ready([*own, *rule.cascade_heads[c].parameters(),
+                                     *rule.lam_parameters(c)])
+                    local[i] = (rule.wx * indep + rule.wy * cascade).detach()
+                    back = rule._route_lean(net, f"cascade {i}", i, grad, ins, outs, pending,
+                                            bottom=bottom)
+                else:
+                    final = nn.functional.cross_entropy(leaf, targets)
+                    grad = rule._head_grad("final", final, leaf)
+                    back = rule._route_lean(net, "final", i, grad, ins, outs, pending,
+                                            bottom=bottom)
+                if back is not None:
+                    self._send_grad(back)
+                x = o.detach()
+            # the cascades of the next stage that reach back into this one, in order
+            for e in self.incoming:
+                top = self.end_module - 1
+                start = time.perf_counter()
+                grad = self._recv_like(o, self.layout.stage + 1,
+                                       "receiving a cascade's gradient")
+                self.waited += time.perf_counter() - start
+                name = "final" if e == K - 1 else f"cascade {e}"
+                back = rule._route_lean(net, name, e, grad, ins, outs, pending, bottom=bottom,
+                                        top=top)
+                if back is not None:
+                    self._send_grad(back)
+        rule._ctx = None
+        if self.reducer is not None:
+            self.reducer.finish()
+        stats = self._stats_vector(local, final, o if self.last else None, targets)
+        bad = stats[-2] > 0
+        if self.layout.replicas > 1:
+            flag = stats[-2:-1].clone()
+            dist.all_reduce(flag, group=self.groups[self.layout.stage])
+            bad = bool(flag.item() > 0)
+        if not bad:
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self._send_blocks()  # the real blocks behind earlier stages' twins, as stepped
+        start = time.perf_counter()
+        self._recv_blocks()
+        self.waited += time.perf_counter() - start
+        if not bad:
+            rule.after_step()
+        try:
+            self._stats.append((dist.all_reduce(stats, async_op=True), stats))
+        except RuntimeError as exc:
+            raise self._lost(exc, "summing statistics") from None
+        self.busy += time.perf_counter() - began
+        if len(self._stats) <= self.lag:
+            return [0.0] * (len(stats) - 2)
+        return self._read(*self._stats.popleft())
