@@ -93,6 +93,10 @@ class FitConfig(BaseModel):
                         "one process each (times --nproc replicas), all training at once")
     stage_cuts: str | None = Field(None, description="the modules where stages 1.. start, "
                                    "e.g. 4,9 (default: balanced by FLOPs)")
+    stage_mode: Literal["sync", "async"] = Field(
+        "sync", description="MLAAN-family rules across stages: sync (exactly the one-process "
+        "run; stages wait for each other) or async (gradients from the next stage and EMA "
+        "twins one step late; no waiting)")
     allow_pipe: bool = Field(False, description="let the data's shard lists run shell commands "
                                                 "(pipe: URLs); only for data you trust")
 

@@ -176,6 +176,36 @@ def test_mlaan_on_three_stages_in_sync_mode_equals_one_process(tmp_path):
     same_runs(tmp_path / "one", tmp_path / "three")
 
 
+def test_async_mode_needs_k_minus_1_modules_per_stage():
+    from localearn.build import build_run
+    from localearn.config import FitConfig
+    from localearn.engine.pipeline import Layout
+    from localearn.engine.pipeline_mlaan import MLAANStageStep
+    from localearn.interfaces import DataInfo
+
+    cfg = FitConfig(rule="mlaan(dgl, k=3, p=2)", k=6, device="cpu", output_dir=Path("."))
+    run = build_run(cfg, info=DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.5,) * 3))
+    args = (run.rule, run.net, run.aux, run.optimizer, torch.device("cpu"), Layout(3, 1, 0))
+    with pytest.raises(SameOnEveryRank, match=r"at least k-1=2 modules .*; stage 0 holds 1"):
+        MLAANStageStep(*args, [1, 4], mode="async")
+    step = MLAANStageStep(*args, [2, 4], mode="async")
+    # stage 0 (modules 0, 1) is reached by cascades ending at 2 and 3 (depth 3)
+    assert step.incoming == [2, 3] and step.late == {0, 1}
+
+
+def test_mlaan_async_mode_trains(tmp_path):
+    """Async mode: the next stage's gradients and twins one step late; it runs to the end,
+    its losses finite and falling (its accuracy cost is measured in docs/results.md)."""
+    args = [*BASE, "--rule", "mlaan(dgl, k=2, p=1)", "--epochs", "2", "--stages", "2",
+            "--stage-mode", "async", "--out", str(tmp_path / "async")]
+    job = torchrun(2, args)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    rows = torch.load(tmp_path / "async" / "checkpoint.pt", weights_only=False)["history"]
+    losses = [r["train_loss"] for r in rows]
+    assert all(loss == loss and loss < 1e3 for loss in losses) and losses[1] < losses[0]
+
+
 def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path):
     registry.register("rule", "probe", _probe_class())
     args = [*BASE, "--rule", "probe", "--epochs", "3", "--checkpoint-every", "2"]

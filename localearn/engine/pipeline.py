@@ -454,5 +454,7 @@ def pipeline_step(cfg: Any, rule: UpdateRule, net: SplitNetwork, aux: nn.Module,
         costs = pipeline_mlaan.module_costs(rule, net) if cascaded else \
             module_costs(rule, net)
         starts = balance(costs, cfg.stages)
-    kind = pipeline_mlaan.MLAANStageStep if cascaded else PipelineStep
-    return kind(rule, net, aux, optimizer, device, layout, starts, cfg.precision)
+    if cascaded:
+        return pipeline_mlaan.MLAANStageStep(rule, net, aux, optimizer, device, layout, starts,
+                                             cfg.precision, cfg.stage_mode)
+    return PipelineStep(rule, net, aux, optimizer, device, layout, starts, cfg.precision)

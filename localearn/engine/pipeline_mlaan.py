@@ -20,6 +20,10 @@ s); the real blocks behind stage s's twins, after stage s+1's optimizer step (s+
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -81,7 +85,11 @@ class MLAANStageStep(PipelineStep):
 
     def __init__(self, rule, net: SplitNetwork, aux: nn.Module,
                  optimizer: torch.optim.Optimizer, device: torch.device, layout: Layout,
-                 starts: list[int], precision: str = "32") -> None:
+                 starts: list[int], precision: str = "32", mode: str = "sync") -> None:
+        self.mode = mode
+        self._posted: deque[tuple[int, Any, Tensor]] = deque()
+        self._step_no = 0
+        self._prev: tuple | None = None  # async: the last step's graphs the next stage reaches
         self._unit_module = {u: i for i, r in enumerate(net.unit_ranges) for u in r}
         super().__init__(rule, net, aux, optimizer, device, layout, starts, precision)
         a, b = self.mine[0], self.mine[-1] + 1
@@ -90,6 +98,8 @@ class MLAANStageStep(PipelineStep):
         # cascades (and the final loss) that end on the next stage but reach into this one
         ends = [*rule.cascades, K - 1]
         self.incoming = [e for e in ends if e >= b and e - k + 1 < b] if not self.last else []
+        # the modules those cascades reach (their weight gradients come from the next stage)
+        self.late = {j for e in self.incoming for j in range(max(a, e - k + 1), b)}
         # the twins this stage's LAMs read, and the stage each one's real block lives on
         self.my_twins = sorted({b_ for i in self.mine for b_ in self._twins_of(i)})
         self.twin_source = {t: self.stage_of(self._unit_module[t]) for t in self.my_twins}
@@ -101,6 +111,13 @@ class MLAANStageStep(PipelineStep):
             for t in self._stage_twins(stage):
                 if self.stage_of(self._unit_module[t]) == layout.stage:
                     self.twin_targets.setdefault(stage, []).append(t)
+        if mode == "async":
+            for s_, r in enumerate(self.ranges[:-1]):
+                if len(r) < k - 1:
+                    raise SameOnEveryRank(
+                        f"--stage-mode async needs every stage but the last to hold at least "
+                        f"k-1={k - 1} modules (so a cascade crosses one boundary at most); "
+                        f"stage {s_} holds {len(r)}: change --stage-cuts or use sync mode")
 
     # -- ownership
     def stage_of(self, module: int) -> int:
@@ -142,11 +159,23 @@ class MLAANStageStep(PipelineStep):
                 if i in rule._position]
 
     # -- messages
-    def _send_grad(self, grad: Tensor) -> None:
+    def _post(self, tensor: Tensor, stage: int, what: str) -> None:
+        """Send without waiting (the handle is kept until two steps later, or `drain`)."""
         try:
-            dist.send(grad.detach().contiguous(), self._peer(self.layout.stage - 1))
+            self._posted.append((self._step_no, dist.isend(tensor, self._peer(stage)), tensor))
         except RuntimeError as exc:
-            raise self._lost(exc, "sending a cascade's gradient back") from None
+            raise self._lost(exc, what) from None
+
+    def _wait_posted(self, before: int) -> None:
+        try:
+            while self._posted and self._posted[0][0] < before:
+                self._posted.popleft()[1].wait()
+        except RuntimeError as exc:
+            raise self._lost(exc, "sending to another stage") from None
+
+    def _send_grad(self, grad: Tensor) -> None:
+        self._post(grad.detach().contiguous(), self.layout.stage - 1,
+                   "sending a cascade's gradient back")
 
     def _recv_like(self, like: Tensor, stage: int, what: str) -> Tensor:
         out = torch.empty_like(like)
@@ -164,12 +193,9 @@ class MLAANStageStep(PipelineStep):
         for stage, units in self.twin_targets.items():
             flat = torch.cat([t.reshape(-1).double() for u in units
                               for t in self._block_tensors(u)])
-            try:
-                dist.send(flat, self._peer(stage))
-            except RuntimeError as exc:
-                raise self._lost(exc, "sending real blocks for EMA twins") from None
+            self._post(flat, stage, "sending real blocks for EMA twins")
 
-    def _recv_blocks(self) -> None:
+    def _recv_blocks(self, apply: bool = True) -> None:
         by_stage: dict[int, list[int]] = {}
         for t in self.my_twins:
             if self.twin_source[t] != self.layout.stage:
@@ -184,13 +210,41 @@ class MLAANStageStep(PipelineStep):
             except RuntimeError as exc:
                 raise self._lost(exc, "receiving real blocks for EMA twins") from None
             for t in tensors:
-                t.copy_(flat[start:start + t.numel()].view_as(t))
+                if apply:
+                    t.copy_(flat[start:start + t.numel()].view_as(t))
                 start += t.numel()
+
+    def _incoming(self, ins: list, outs: list, pending: list, acc: list, like: Tensor) -> None:
+        """Receive the gradients of the next stage's cascades that reach into this stage and
+        route them on (to the previous stage too, where they go on below)."""
+        rule, top = self.rule, self.end_module - 1
+        for e in self.incoming:
+            start = time.perf_counter()
+            grad = self._recv_like(like, self.layout.stage + 1, "receiving a cascade's gradient")
+            self.waited += time.perf_counter() - start
+            name = "final" if e == self.net.k - 1 else f"cascade {e}"
+            back = rule._route_lean(self.net, name, e, grad, ins, outs, pending,
+                                    bottom=self.first_module, top=top)
+            if back is not None:
+                self._send_grad(back)
+
+    def drain(self) -> list[float] | None:
+        """Async: the messages of the last step still in flight are taken and dropped (that
+        step's gradients from the next stage, the real blocks for the twins) so that every
+        stage is at the same point; then the statistics."""
+        if self.mode == "async" and self._step_no > 0:
+            if self._prev is not None:
+                for _ in self.incoming:
+                    self._recv_like(self._prev[4], self.layout.stage + 1,
+                                    "receiving a cascade's gradient")
+            self._recv_blocks(apply=False)
+            self._prev = None
+            self._step_no = 0
+        self._wait_posted(1 << 62)
+        return super().drain()
 
     # -- one step
     def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
-        import time
-
         from localearn.engine.step import autocast
 
         began = time.perf_counter()
@@ -210,9 +264,20 @@ class MLAANStageStep(PipelineStep):
         final = o = None
         bottom = self.first_module
         with autocast(self.device, self.precision):
+            rule._param_map = {}
             for i in self.mine:
                 a = x.detach().requires_grad_(i > 0)
-                o = net.local_modules[i](a)
+                if self.mode == "async" and i in self.late:
+                    # the next stage's gradients reach module i a step late, after this
+                    # step's update: its graph holds copies of the parameters as they are now
+                    names, params = zip(*net.local_modules[i].named_parameters())
+                    copies = [q.detach().clone().requires_grad_(q.requires_grad)
+                              for q in params]
+                    o = torch.func.functional_call(net.local_modules[i],
+                                                   dict(zip(names, copies)), (a,), strict=False)
+                    rule._param_map[i] = copies
+                else:
+                    o = net.local_modules[i](a)
                 ins[i], outs[i] = a, o
                 if i == self.mine[-1] and not self.last:
                     self._send(o, images, targets)
@@ -246,19 +311,20 @@ class MLAANStageStep(PipelineStep):
                 if back is not None:
                     self._send_grad(back)
                 x = o.detach()
-            # the cascades of the next stage that reach back into this one, in order
-            for e in self.incoming:
-                top = self.end_module - 1
-                start = time.perf_counter()
-                grad = self._recv_like(o, self.layout.stage + 1,
-                                       "receiving a cascade's gradient")
-                self.waited += time.perf_counter() - start
-                name = "final" if e == K - 1 else f"cascade {e}"
-                back = rule._route_lean(net, name, e, grad, ins, outs, pending, bottom=bottom,
-                                        top=top)
-                if back is not None:
-                    self._send_grad(back)
+            # the cascades of the next stage that reach back into this one, in order: this
+            # step's (sync), or the previous step's through its kept graphs (async)
+            if self.mode == "sync":
+                self._incoming(ins, outs, pending, rule._acc, o)
+            else:
+                if self._prev is not None:
+                    now = rule._acc, rule._param_map
+                    rule._acc, rule._param_map = self._prev[3], self._prev[5]
+                    self._incoming(*self._prev[:5])
+                    rule._acc, rule._param_map = now
+                self._prev = ((ins, outs, pending, rule._acc, o, rule._param_map)
+                              if self.incoming else None)
         rule._ctx = None
+        rule._param_map = {}
         if self.reducer is not None:
             self.reducer.finish()
         stats = self._stats_vector(local, final, o if self.last else None, targets)
@@ -275,10 +341,13 @@ class MLAANStageStep(PipelineStep):
                 self.optimizer.step()
         self._send_blocks()  # the real blocks behind earlier stages' twins, as stepped
         start = time.perf_counter()
-        self._recv_blocks()
+        if self.mode == "sync" or self._step_no > 0:  # async: those of the previous step
+            self._recv_blocks()
         self.waited += time.perf_counter() - start
         if not bad:
             rule.after_step()
+        self._step_no += 1
+        self._wait_posted(self._step_no - 1)
         try:
             self._stats.append((dist.all_reduce(stats, async_op=True), stats))
         except RuntimeError as exc:

@@ -422,8 +422,14 @@ class MLAAN(UpdateRule):
                 if pending[j] is not None:
                     acc[j] = acc[j] + pending[j]
                     pending[j] = None
-                self._ctx.backward_from(outs[j], acc[j],
-                                        inputs=list(net.local_modules[j].parameters()))
+                real = list(net.local_modules[j].parameters())
+                # a pipelined stage may run module j on copies of its parameters (so that the
+                # graph outlives an optimizer step): their gradients go to the parameters
+                used = getattr(self, "_param_map", {}).pop(j, None) or real
+                self._ctx.backward_from(outs[j], acc[j], inputs=used)
+                if used is not real:
+                    for q, c in zip(real, used):
+                        q.grad = c.grad if q.grad is None else q.grad + c.grad
                 ins[j] = outs[j] = acc[j] = None  # free module j's graph
                 self._ctx.grads_ready(list(net.local_modules[j].parameters()))
             if go_on:
