@@ -50,7 +50,8 @@ def _config(spec: dict, stages: int):
     return FitConfig(rule=spec["rule"], model=spec["model"], k=spec["k"], split=spec["split"],
                      batch_size=spec["batch_size"], seed=spec["seed"], device="cpu",
                      precision=spec["precision"], channels_last=spec["channels_last"],
-                     stages=stages, stage_cuts=spec.get("stage_cuts"), output_dir=Path("."))
+                     stages=stages, stage_cuts=spec.get("stage_cuts"),
+                     stage_mode=spec.get("stage_mode", "sync"), output_dir=Path("."))
 
 
 def _batch(spec: dict):
@@ -161,8 +162,10 @@ def bench_stages(spec: dict, stages: int, warmup: int = 2, steps: int = 10,
 
 def format_stages(report: StagesReport) -> str:
     p, s = report.pipelined, report.spec
+    mode = f", {s.get('stage_mode', 'sync')} mode" if "(" in s["rule"] or \
+        s["rule"] in ("mlaan", "mlm", "lam", "man", "manpp", "hpff") else ""
     lines = [f"bench --stages {p.stages}: {s['rule']} on {s['model']} (K={s['k']}), batch "
-             f"{s['batch_size']}, CPU; {p.steps} timed steps after warm-up",
+             f"{s['batch_size']}, CPU{mode}; {p.steps} timed steps after warm-up",
              f"  pipelined, {p.stages} processes x {p.threads} thread(s): "
              f"{p.images_per_s:.1f} images/s (stages start at modules 0, "
              f"{', '.join(map(str, p.starts))})",

@@ -70,7 +70,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from localearn.measure import resolve
         from localearn.measure_stages import bench_stages, format_stages
 
-        spec = {**resolve(_spec(args)).model_dump(), "stage_cuts": args.stage_cuts}
+        spec = {**resolve(_spec(args)).model_dump(), "stage_cuts": args.stage_cuts,
+                "stage_mode": args.stage_mode}
         report = bench_stages(spec, args.stages, warmup=args.warmup, steps=args.steps,
                               threads=args.threads)
         print(report.model_dump_json(indent=2) if args.json else format_stages(report))
@@ -116,6 +117,8 @@ def add_commands(subparsers) -> None:
                         "process instead of a baseline rule (default: 1, off)")
     b.add_argument("--stage-cuts", help="with --stages: the modules where stages 1.. start "
                                         "(default: balanced by FLOPs)")
+    b.add_argument("--stage-mode", choices=["sync", "async"], default="sync",
+                   help="with --stages, for MLAAN-family rules: sync or async (as in fit)")
     b.add_argument("--threads", type=int, default=1,
                    help="with --stages: threads per process (default: 1)")
     b.set_defaults(func=cmd_bench)
