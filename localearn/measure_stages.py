@@ -162,8 +162,7 @@ def bench_stages(spec: dict, stages: int, warmup: int = 2, steps: int = 10,
 
 def format_stages(report: StagesReport) -> str:
     p, s = report.pipelined, report.spec
-    mode = f", {s.get('stage_mode', 'sync')} mode" if "(" in s["rule"] or \
-        s["rule"] in ("mlaan", "mlm", "lam", "man", "manpp", "hpff") else ""
+    mode = f", {s.get('stage_mode', 'sync')} mode"  # (local rules: the same either way)
     lines = [f"bench --stages {p.stages}: {s['rule']} on {s['model']} (K={s['k']}), batch "
              f"{s['batch_size']}, CPU{mode}; {p.steps} timed steps after warm-up",
              f"  pipelined, {p.stages} processes x {p.threads} thread(s): "
