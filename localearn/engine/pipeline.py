@@ -198,6 +198,9 @@ class PipelineStep:
         self.ranges = stage_ranges(starts, net.k)
         self.mine = self.ranges[layout.stage]
         self.first = layout.stage == 0
+        convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        self.channels_last = bool(convs) and not convs[0].is_contiguous() and \
+            convs[0].is_contiguous(memory_format=torch.channels_last)
         self.last = layout.stage == layout.stages - 1
         self.lag = layout.stages
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
@@ -260,7 +263,14 @@ class PipelineStep:
         except RuntimeError as exc:
             raise self._lost(exc, "receiving activations") from None
         self.waited += time.perf_counter() - start
-        return x, images, targets
+        return self.same_format(x), self.same_format(images), targets
+
+    def same_format(self, t: Tensor) -> Tensor:
+        """Tensors travel contiguous; a channels-last run gets its 4-D ones back in that
+        layout (as in one process, where nothing is converted)."""
+        if self.channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
 
     def _send(self, x: Tensor, images: Tensor, targets: Tensor) -> None:
         dst = self._peer(self.layout.stage + 1)

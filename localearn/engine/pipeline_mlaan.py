@@ -178,12 +178,12 @@ class MLAANStageStep(PipelineStep):
                    "sending a cascade's gradient back")
 
     def _recv_like(self, like: Tensor, stage: int, what: str) -> Tensor:
-        out = torch.empty_like(like)
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         try:
             dist.recv(out, self._peer(stage))
         except RuntimeError as exc:
             raise self._lost(exc, what) from None
-        return out
+        return self.same_format(out)
 
     def _block_tensors(self, unit: int) -> list[Tensor]:
         block = self.net.units[unit]
