@@ -92,7 +92,7 @@ class FitConfig(BaseModel):
     stages: int = Field(1, ge=1, description="pipelined training: the K modules in N stages, "
                         "one process each (times --nproc replicas), all training at once")
     stage_cuts: str | None = Field(None, description="the modules where stages 1.. start, "
-                                   "e.g. 4,9 (default: balanced by FLOPs)")
+                                   "e.g. 4,9 (default: balanced by measured time)")
     stage_mode: Literal["sync", "async"] = Field(
         "sync", description="MLAAN-family rules across stages: sync (exactly the one-process "
         "run; stages wait for each other) or async (gradients from the next stage and EMA "

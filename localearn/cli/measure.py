@@ -116,7 +116,7 @@ def add_commands(subparsers) -> None:
                    help="time pipelined training in N processes (one per stage) against one "
                         "process instead of a baseline rule (default: 1, off)")
     b.add_argument("--stage-cuts", help="with --stages: the modules where stages 1.. start "
-                                        "(default: balanced by FLOPs)")
+                                        "(default: balanced by measured time)")
     b.add_argument("--stage-mode", choices=["sync", "async"], default="sync",
                    help="with --stages, for MLAAN-family rules: sync or async (as in fit)")
     b.add_argument("--threads", type=int, default=1,

@@ -132,28 +132,47 @@ def balance(costs: list[float], stages: int) -> list[int]:
     return sorted(starts)[1:]
 
 
-def module_costs(rule: LocalRule, net: SplitNetwork, batch: int = 2) -> list[float]:
-    """FLOPs of each module's forward and backward, its head's included (FlopCounterMode on
-    copies, so nothing of the run changes)."""
-    import copy
+def _timed(fn, repeats: int = 3) -> float:
+    """The median wall time of ``fn()`` after one untimed call (CUDA synchronised)."""
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
 
-    from torch.utils.flop_counter import FlopCounterMode
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def module_costs(rule: LocalRule, net: SplitNetwork, batch: int = 32) -> list[float]:
+    """The measured time of each module's forward and backward pass, its head's included, on
+    a batch of random inputs (on copies, so nothing of the run changes). FLOPs would miss what
+    dominates small feature maps on CPUs (batch norm, activations, memory traffic)."""
+    import copy
 
     costs = []
     device = next(net.parameters()).device
-    x = torch.zeros(batch, *net.input_shape, device=device)
+    x = torch.randn(batch, *net.input_shape, device=device)
     targets = torch.zeros(batch, dtype=torch.long, device=device)
     images = x
     for i, module in enumerate(net.local_modules):
-        parts = [copy.deepcopy(module)]
-        if i < len(rule.heads):
-            parts.append(copy.deepcopy(rule.heads[i]))
-        with FlopCounterMode(display=False) as counter:
-            out = parts[0](x)
-            loss = parts[1].loss(out, targets, images) if len(parts) > 1 else out.sum()
+        mod = copy.deepcopy(module)
+        head = copy.deepcopy(rule.heads[i]) if i < len(rule.heads) else None
+        inp = x.detach().requires_grad_(i > 0)
+
+        def step(mod=mod, head=head, inp=inp) -> None:
+            out = mod(inp)
+            loss = head.loss(out, targets, images) if head is not None else out.sum()
             loss.backward()
-        costs.append(float(counter.get_total_flops()) or 1.0)
-        x = out.detach()
+
+        costs.append(_timed(step))
+        with torch.no_grad():
+            x = mod(x)
     return costs
 
 
@@ -450,7 +469,7 @@ def pipeline_step(cfg: Any, rule: UpdateRule, net: SplitNetwork, aux: nn.Module,
                   optimizer: torch.optim.Optimizer, device: torch.device,
                   env: dist_.DistEnv) -> PipelineStep:
     """The `PipelineStep` of this process for ``cfg.stages`` stages (cut by ``cfg.stage_cuts``
-    or balanced by FLOPs)."""
+    or balanced by measured time)."""
     from localearn.engine import pipeline_mlaan
 
     layout = layout_of(cfg.stages, env)
@@ -460,10 +479,14 @@ def pipeline_step(cfg: Any, rule: UpdateRule, net: SplitNetwork, aux: nn.Module,
     check_pipelinable(rule, net.k, cfg.stages)
     if cfg.stage_cuts:
         starts = parse_stage_cuts(cfg.stage_cuts, net.k, cfg.stages)
-    else:
-        costs = pipeline_mlaan.module_costs(rule, net) if cascaded else \
-            module_costs(rule, net)
-        starts = balance(costs, cfg.stages)
+    else:  # timed on rank 0 (times differ between processes), the same cuts everywhere
+        starts = None
+        if env.is_main:
+            batch = min(cfg.batch_size, 128)
+            costs = pipeline_mlaan.module_costs(rule, net, batch) if cascaded else \
+                module_costs(rule, net, batch)
+            starts = balance(costs, cfg.stages)
+        starts = dist_.broadcast_object(starts, env)
     if cascaded:
         return pipeline_mlaan.MLAANStageStep(rule, net, aux, optimizer, device, layout, starts,
                                              cfg.precision, cfg.stage_mode)

@@ -47,36 +47,38 @@ def check_cascaded(rule: UpdateRule, precision: str = "32") -> None:
                               "(fp16's gradient scaler is not carried across stages)")
 
 
-def module_costs(rule, net: SplitNetwork, batch: int = 2) -> list[float]:
-    """Three times the forward FLOPs of each module with its heads and leap-augmented module
-    (a backward pass costs about twice a forward), counted in eval mode without gradients, so
+def module_costs(rule, net: SplitNetwork, batch: int = 32) -> list[float]:
+    """The measured time of what each module costs in a step: its forward and backward pass
+    with its heads and leap-augmented module, plus k-1 forward times for the input-gradient
+    passes of the cascades that go on past it. Timed on copies of the rule and network, so
     nothing of the run changes."""
-    from torch.utils.flop_counter import FlopCounterMode
+    import copy
 
-    was = net.training, rule.cascade_heads.training
-    net.eval()
-    for part in (rule.heads, rule.cascade_heads, rule.copies, rule.twins):
-        part.eval()
-    costs = []
-    x = torch.zeros(batch, *net.input_shape, device=next(net.parameters()).device)
+    from localearn.engine.pipeline import _timed
+
+    rule, net = copy.deepcopy((rule, net))
+    x = torch.randn(batch, *net.input_shape, device=next(net.parameters()).device)
     targets = torch.zeros(batch, dtype=torch.long, device=x.device)
-    images = x
-    try:
+    images, costs = x, []
+    for i, module in enumerate(net.local_modules):
+        inp = x.detach().requires_grad_(i > 0)
+
+        def step(i=i, module=module, inp=inp) -> None:
+            out = module(inp)
+            loss = out.float().mean() if i == net.k - 1 else out.new_zeros(())
+            if rule.independent and i < len(rule.heads):
+                loss = loss + rule.heads[i].loss(out, targets, images)
+            c = rule._position.get(i)
+            if c is not None:
+                loss = loss + rule.cascade_heads[c].loss(rule.lam_forward(i, out), targets,
+                                                         images)
+            loss.backward()
+
         with torch.no_grad():
-            for i, module in enumerate(net.local_modules):
-                with FlopCounterMode(display=False) as counter:
-                    out = module(x)
-                    if rule.independent and i < len(rule.heads):
-                        rule.heads[i].loss(out, targets, images)
-                    c = rule._position.get(i)
-                    if c is not None:
-                        rule.cascade_heads[c].loss(rule.lam_forward(i, out), targets, images)
-                costs.append(3.0 * counter.get_total_flops() or 1.0)
-                x = out
-    finally:
-        net.train(was[0])
-        for part in (rule.heads, rule.cascade_heads, rule.copies, rule.twins):
-            part.train(was[1])
+            forward = _timed(lambda module=module, x=x: module(x))
+        costs.append(_timed(step) + (rule.k - 1) * forward)
+        with torch.no_grad():
+            x = module(x)
     return costs
 
 
