@@ -56,8 +56,12 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(LOGGER, "handlers", [Keep()])
     monkeypatch.setattr(LOGGER, "propagate", False)
-    monkeypatch.setattr(LOGGER, "level", logging.INFO)
-    return records
+    # setLevel, not a plain attribute: it also clears the logger's isEnabledFor cache, which an
+    # earlier test's INFO call at a higher level may have filled with False
+    old = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    yield records
+    LOGGER.setLevel(old)
 
 
 # 640 digits, batches of 32, 3 epochs: measured 49.5% (probe, K=2) and 63.5% (mlaan, K=4) on
