@@ -48,5 +48,5 @@ if __name__ == "__main__":
     from localearn import registry
     from localearn.cli import main
 
-    registry.register("rule", "probe", Probe)
+    registry.register("rule", "pipeprobe", Probe)
     sys.exit(main(sys.argv[1:]))

@@ -155,11 +155,24 @@ def test_options_and_one_line_errors(capsys):
     with pytest.raises(UserError, match="patches"):
         expr.build("pff(dgl, patches=two)")
     with pytest.raises(UserError, match=r"patches=3 does not divide the 32x32 features"):
-        build("hpff(dgl, patches=3)", 4)
-    code = main(["fit", "--rule", "hpff(dgl, patches=3)", "--k", "4", "--epochs", "1",
+        build("hpff(infopro, patches=3)", 4)
+    with pytest.raises(UserError, match=r"patches=40 cannot split the 32x32 features"):
+        build("pff(dgl, patches=40)", 4)
+    code = main(["fit", "--rule", "hpff(infopro, patches=3)", "--k", "4", "--epochs", "1",
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("localearn: error: ") and err.count("\n") == 1
+
+
+def test_uneven_grid_averages_each_patchs_logits():
+    # 32x32 features, a 3x3 grid: rows and columns of 11, 11 and 10 (torch.tensor_split)
+    rule, net, aux = build("pff(dgl, patches=3)", 4)
+    head = rule.heads[0]
+    feats, targets = torch.randn(2, 16, 32, 32), torch.tensor([1, 2])
+    spans = [(0, 11), (11, 22), (22, 32)]
+    logits = sum(head.inner(feats[:, :, a:b, c:d]) for a, b in spans for c, d in spans) / 9
+    torch.testing.assert_close(head.loss(feats, targets, None),
+                               torch.nn.functional.cross_entropy(logits, targets))
 
 
 def test_memory_and_bench_roles():

@@ -206,9 +206,16 @@ def test_mlaan_async_mode_trains(tmp_path):
     assert all(loss == loss and loss < 1e3 for loss in losses) and losses[1] < losses[0]
 
 
-def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path):
-    registry.register("rule", "probe", _probe_class())
-    args = [*BASE, "--rule", "probe", "--epochs", "3", "--checkpoint-every", "2"]
+@pytest.fixture
+def pipeprobe():
+    """The job script's rule, registered in this process for the test only."""
+    registry.register("rule", "pipeprobe", _probe_class())
+    yield
+    registry._SESSION["rule"].pop("pipeprobe", None)
+
+
+def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path, pipeprobe):
+    args = [*BASE, "--rule", "pipeprobe", "--epochs", "3", "--checkpoint-every", "2"]
     one_process([*args, "--out", str(tmp_path / "one")])
     run = tmp_path / "two"
     job = torchrun(2, [*args, "--stages", "2", "--out", str(run)])
@@ -227,8 +234,7 @@ def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path):
 
 
 def test_a_dead_stage_stops_the_others_with_one_line(tmp_path):
-    registry.register("rule", "probe", _probe_class())
-    job = torchrun(2, [*BASE, "--rule", "probe(crash_at=3)", "--epochs", "2", "--stages", "2",
+    job = torchrun(2, [*BASE, "--rule", "pipeprobe(crash_at=3)", "--epochs", "2", "--stages", "2",
                        "--out", str(tmp_path / "run")])
     start = time.time()
     out, err = job.communicate(timeout=120)  # no hang

@@ -16,6 +16,8 @@ patch-level features (the paper's "averaging patch-level features"). A head with
 ``loss`` (infopro) is scored on every patch, each patch rebuilding its own patch of the image,
 and the patch losses are averaged. ``pff(base, patches=n)`` decorates any head-based rule, so
 it works under mlaan, man, or alone: ``mlaan(pff(dgl))``, ``man(pff(infopro))``, ``pff(dgl)``.
+A grid that does not divide the features (2x2 on ResNet-34's 7x7 maps) gives patches whose
+sizes differ by one, each run through the head on its own; a loss-only head needs an even grid.
 """
 
 from __future__ import annotations
@@ -53,16 +55,22 @@ class PatchHead(AuxHead):
                  info: DataInfo, patches: int) -> None:
         super().__init__(shape, info)
         c, h, w = shape
-        if h % patches or w % patches:
-            raise UserError(f"patches={patches} does not divide the {h}x{w} features of module "
-                            f"{index}; valid: a common divisor of {h} and {w}")
+        if h < patches or w < patches:
+            raise UserError(f"patches={patches} cannot split the {h}x{w} features of module "
+                            f"{index}; valid: at most {min(h, w)}")
         ci, hi, wi = info.input_shape
         self.patches = patches
-        self.inner = base.make_head(index, num_modules, (c, h // patches, w // patches),
+        # an uneven grid (7x7 features, 2x2 patches): patch sizes differ by one (tensor_split)
+        self.even = h % patches == 0 and w % patches == 0
+        self.inner = base.make_head(index, num_modules, (c, -(-h // patches), -(-w // patches)),
                                     dataclasses.replace(info, input_shape=(ci, hi // patches,
                                                                            wi // patches)))
         # logits from a forward are averaged; a loss-only head is scored patch by patch
         self.fuse_outputs = type(self.inner).forward is not nn.Module.forward
+        if not self.fuse_outputs and not self.even:
+            raise UserError(f"patches={patches} does not divide the {h}x{w} features of module "
+                            f"{index}, which a head without logits (it rebuilds the image) "
+                            f"needs; valid: a common divisor of {h} and {w}")
         if not self.fuse_outputs and (hi % patches or wi % patches):
             raise UserError(f"patches={patches} does not divide the {hi}x{wi} input images, "
                             "which a head without logits (it rebuilds the image) needs split "
@@ -70,6 +78,11 @@ class PatchHead(AuxHead):
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
         n, count = self.patches, self.patches ** 2
+        if not self.even:  # patches of unequal sizes: the head runs on each one
+            cells = [cell for rows in features.tensor_split(n, dim=2)
+                     for cell in rows.tensor_split(n, dim=3)]
+            fused = sum(self.inner(cell) for cell in cells) / count
+            return nn.functional.cross_entropy(fused, targets)
         cells = patch_grid(features, n)
         if self.fuse_outputs:
             out = self.inner(cells)
