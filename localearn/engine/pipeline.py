@@ -308,7 +308,7 @@ class PipelineStep:
 
     # -- one step
     def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
-        from localearn.engine.step import autocast
+        from localearn.engine.step import autocast, optimizer_step
 
         began = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,18 +335,23 @@ class PipelineStep:
         if self.reducer is not None:
             self.reducer.finish()
         stats = self._stats_vector(local, loss, logits, targets)
+        if self._may_step(stats):
+            optimizer_step(self.scaler, self.optimizer)
+            self.rule.after_step()
+        return self._post_stats(stats, began)
+
+    def _may_step(self, stats: Tensor) -> bool:
+        """No stage steps on a non-finite loss; the replicas of a stage agree on it."""
         bad = stats[-2] > 0
-        if self.layout.replicas > 1:  # the replicas of a stage agree whether to step
+        if self.layout.replicas > 1:
             flag = stats[-2:-1].clone()
             dist.all_reduce(flag, group=self.groups[self.layout.stage])
-            bad = bool(flag.item() > 0)
-        if not bad:
-            if self.scaler.is_enabled():
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.rule.after_step()
+            bad = flag.item() > 0
+        return not bool(bad)
+
+    def _post_stats(self, stats: Tensor, began: float) -> list[float]:
+        """Start summing this step's statistics; the totals of the step ``lag`` steps back
+        (zeros while the pipeline fills)."""
         try:
             self._stats.append((dist.all_reduce(stats, async_op=True), stats))
         except RuntimeError as exc:

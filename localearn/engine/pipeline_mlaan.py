@@ -247,7 +247,7 @@ class MLAANStageStep(PipelineStep):
 
     # -- one step
     def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
-        from localearn.engine.step import autocast
+        from localearn.engine.step import autocast, optimizer_step
 
         began = time.perf_counter()
         rule, net, ctx, K = self.rule, self.net, self.ctx, self.net.k
@@ -330,31 +330,16 @@ class MLAANStageStep(PipelineStep):
         if self.reducer is not None:
             self.reducer.finish()
         stats = self._stats_vector(local, final, o if self.last else None, targets)
-        bad = stats[-2] > 0
-        if self.layout.replicas > 1:
-            flag = stats[-2:-1].clone()
-            dist.all_reduce(flag, group=self.groups[self.layout.stage])
-            bad = bool(flag.item() > 0)
-        if not bad:
-            if self.scaler.is_enabled():
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        step = self._may_step(stats)
+        if step:
+            optimizer_step(self.scaler, self.optimizer)
         self._send_blocks()  # the real blocks behind earlier stages' twins, as stepped
         start = time.perf_counter()
         if self.mode == "sync" or self._step_no > 0:  # async: those of the previous step
             self._recv_blocks()
         self.waited += time.perf_counter() - start
-        if not bad:
+        if step:
             rule.after_step()
         self._step_no += 1
         self._wait_posted(self._step_no - 1)
-        try:
-            self._stats.append((dist.all_reduce(stats, async_op=True), stats))
-        except RuntimeError as exc:
-            raise self._lost(exc, "summing statistics") from None
-        self.busy += time.perf_counter() - began
-        if len(self._stats) <= self.lag:
-            return [0.0] * (len(stats) - 2)
-        return self._read(*self._stats.popleft())
+        return self._post_stats(stats, began)

@@ -113,6 +113,15 @@ def step_stats(result: StepResult, targets: Tensor) -> Tensor:
                       losses[1:] * n, bad.view(1)])
 
 
+def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer step, through the scaler when fp16 gradient scaling is on."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 class NonFiniteLoss(Exception):
     """A loss of this step was NaN or infinite (the step was not applied)."""
 
@@ -176,10 +185,6 @@ class TrainStep:
             local = [result.loss, *result.local_losses]
             values = [float(v) for v in local if not torch.isfinite(torch.as_tensor(v))]
             raise NonFiniteLoss(values[0] if values else float("nan"))
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        optimizer_step(self.scaler, self.optimizer)
         self.rule.after_step()
         return totals[:-1]
