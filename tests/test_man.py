@@ -5,29 +5,16 @@ import copy
 
 import pytest
 import torch
+from helpers import batch, build
 from torch import nn
 
 from localearn import expr
-from localearn.build import build_run
 from localearn.cli import main
 from localearn.config import make_config
 from localearn.engine import Trainer, fit
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo, PlainContext
+from localearn.interfaces import PlainContext
 from localearn.measure import bench, make_spec, measure_memory_here, role_bytes
-
-INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
-
-
-def build(text: str, K: int, seed: int = 0):
-    run = build_run(make_config(rule=text, model="resnet32", k=K, seed=seed, device="cpu"),
-                    info=INFO)
-    return run.rule, run.net, run.aux
-
-
-def batch(n: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10
 
 
 def next_first_block(net, j: int) -> int:

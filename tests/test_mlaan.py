@@ -2,6 +2,7 @@
 
 import copy
 
+import helpers
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,20 +11,16 @@ from mlaan_reference import naive_step
 from torch import nn
 
 from localearn import expr
-from localearn.build import build_run
 from localearn.config import make_config
 from localearn.engine import fit
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo, PlainContext
+from localearn.interfaces import PlainContext
 
-INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
 UNITS = {"resnet32": 16, "resnet110": 55}
 
 
 def build(rule_text: str, model: str, K: int, seed: int = 0):
-    run = build_run(make_config(rule=rule_text, model=model, k=K, seed=seed, device="cpu"),
-                    info=INFO)
-    return run.rule, run.net, run.aux
+    return helpers.build(rule_text, K, model, seed)
 
 
 def grads(*modules):
@@ -37,7 +34,7 @@ def with_naive_twin(text: str, model: str, K: int):
     rule, net, aux = build(text, model, K)
     ref_net, ref_aux = copy.deepcopy(net), copy.deepcopy(aux)
     ref_rule = expr.build(text)
-    ref_rule.setup(ref_net, INFO)
+    ref_rule.setup(ref_net, helpers.INFO)
     ref_rule.heads, ref_rule.cascade_heads = ref_aux["heads"], ref_aux["cascade_heads"]
     ref_rule.copies, ref_rule.twins = ref_aux["copies"], ref_aux["twins"]
     return (rule, net, aux), (ref_rule, ref_net, ref_aux)

@@ -100,7 +100,7 @@ def write_failed(path: Path, exc: BaseException) -> WriteFailed:
         return WriteFailed(f"no space left on the device {mount_point(path)} while writing "
                            f"{path}", path, True)
     if os_err is not None:
-        why = os_err.strerror or type(os_err).__name__
+        why = _os_problem(Path(path).parent, os_err)
     else:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return WriteFailed(f"could not write {path}: {why}", path, False)
@@ -591,7 +591,7 @@ def export_safetensors(path: Path, out: Path | None = None, *, overwrite: bool =
     network is built by `localearn.build.build_run`, as for training. The file is written
     atomically; a folder, a checkpoint, or (without ``overwrite``) any existing file is refused
     as the target."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from localearn.build import build_run
     from localearn.config import FitConfig
@@ -622,20 +622,7 @@ def export_safetensors(path: Path, out: Path | None = None, *, overwrite: bool =
     net.load_state_dict(ckpt["model"])
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
     metadata = export_metadata(cfg, ckpt, info)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    except Exception as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        os_err = _os_error(exc)
-        why = _os_problem(out.parent, os_err) if os_err is not None else \
-            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"could not write {_short(out)}: {why}") from None
+    atomic_write_bytes(out, save(tensors, metadata=metadata))
     return out
 
 

@@ -12,7 +12,8 @@ from localearn.errors import UserError
 from localearn.interfaces import LocalModuleSplitter
 from localearn.network import SplitNetwork
 
-__all__ = ["BasicBlock", "CifarResNet", "CifarResNetSplitter", "resnet32", "resnet110"]
+__all__ = ["BasicBlock", "CifarResNet", "CifarResNetSplitter", "init_weights", "resnet32",
+           "resnet110"]
 
 
 class BasicBlock(nn.Module):
@@ -34,6 +35,16 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+def init_weights(module: nn.Module) -> None:
+    """He normal (fan-out) for every convolution, BatchNorm at weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class CifarResNet(nn.Module):
     """CIFAR ResNet with ``blocks`` BasicBlocks per stage (5: ResNet-32, 18: ResNet-110)."""
 
@@ -50,12 +61,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(widths[-1], num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))

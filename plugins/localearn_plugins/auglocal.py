@@ -29,7 +29,7 @@ from localearn.interfaces import (
     StepContext,
     StepResult,
 )
-from localearn.models.cifar_resnet import BasicBlock
+from localearn.models.cifar_resnet import BasicBlock, init_weights
 from localearn.network import SplitNetwork
 
 
@@ -75,16 +75,6 @@ def make_block(like: nn.Module, cin: int, cout: int, stride: int) -> nn.Module:
     return kind(cin, cout // kind.expansion, stride, shortcut)
 
 
-def _init(module: nn.Module) -> None:
-    """The backbone's initialisation (He normal, fan-out, for convolutions; BN at 1 and 0)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class AugLocalHead(AuxHead):
     """Fresh blocks of the backbone's kind shaped like the sampled units (``layers``' output
     shapes), then global average pooling, BatchNorm1d when the requested ``depth`` is at most
@@ -109,7 +99,7 @@ class AugLocalHead(AuxHead):
         norm = [nn.BatchNorm1d(c)] if depth <= 1 else []
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *norm,
                                         nn.Linear(c, info.num_classes))
-        _init(self.blocks)
+        init_weights(self.blocks)  # the backbone's initialisation
 
     def forward(self, features: Tensor) -> Tensor:
         return self.classifier(self.blocks(features))
