@@ -2,12 +2,15 @@
 
 The pipelined run is N processes (one per stage, one thread each unless ``--threads``) started
 by torchrun, each training its stage on a fixed synthetic batch with the engine's own
-`PipelineStep`; after the warm-up steps every process meets at a barrier, runs the timed steps,
-waits for the statistics still in flight and meets again. Images/s is the timed steps' images
-over that wall time. Each stage also reports its idle fraction: the time it spent blocked on
-another stage (receiving activations, reading the lagged statistics) over its time in steps.
+`PipelineStep`; after the warm-up steps every process meets at a barrier and runs the timed
+steps. The first timed step fills the pipeline (the last stage waits for the first batch to
+cross every stage); images/s is the last stage's rate over the other steps, the rate at which a
+full pipeline delivers trained batches, as through an epoch of training (fill and drain happen
+once an epoch). Each stage also reports its idle fraction over the same steps: the time it spent
+blocked on another stage (receiving activations, reading the lagged statistics) over its time
+in steps.
 The baseline is the same rule in one process (one thread, and N threads: the same threads as
-the pipelined job in all), timed the same way.
+the pipelined job in all), timed the same way (its first timed step is one more warm-up).
 """
 
 from __future__ import annotations
@@ -81,12 +84,12 @@ def one_process(spec: dict, threads: int, warmup: int, steps: int) -> float:
         run.net.train()
         run.aux.train()
         images, targets = _batch(spec)
-        for _ in range(warmup):
+        for _ in range(warmup + 1):  # + 1: the step the pipelined run spends filling
             run.step(images, targets)
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps - 1):
             run.step(images, targets)
-        return steps * spec["batch_size"] / (time.perf_counter() - start)
+        return (steps - 1) * spec["batch_size"] / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(saved)
 
@@ -110,17 +113,21 @@ def _stage_worker(spec: dict, warmup: int, steps: int, out: Path) -> None:
             step(images, targets)
         step.drain()
         dist.barrier()
+        step(images, targets)  # the pipeline fills: the last stage waits for the first batch
         step.waited = step.busy = 0.0
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps - 1):
             step(images, targets)
+        wall = time.perf_counter() - start  # the last stage's: batches leave at this rate
+        idle = step.idle_fraction()
         step.drain()
         dist.barrier()
-        wall = time.perf_counter() - start
-        idle = dist_.gather_objects(step.waited / step.busy if step.busy else 0.0, env)
+        idle = dist_.gather_objects(idle, env)
+        walls = dist_.gather_objects(wall, env)
         if env.is_main:
+            wall = walls[-1]
             result = StageBench(stages=spec["stages"], threads=torch.get_num_threads(),
-                                steps=steps, images_per_s=steps * spec["batch_size"] / wall,
+                                steps=steps, images_per_s=(steps - 1) * spec["batch_size"] / wall,
                                 wall_s=wall, idle=idle, starts=step.starts)
             out.write_text(result.model_dump_json())
     finally:
@@ -151,6 +158,9 @@ def bench_stages(spec: dict, stages: int, warmup: int = 2, steps: int = 10,
     threads."""
     if stages < 2:
         raise UserError(f"invalid --stages {stages}: a pipeline has at least 2 stages")
+    if steps < 2:
+        raise UserError(f"invalid --steps {steps}: bench --stages needs at least 2 (the first "
+                        "timed step fills the pipeline; the rate is taken over the others)")
     if spec["device"] not in ("auto", "cpu"):
         raise UserError("bench --stages measures on CPU processes (Gloo); GPU pipelines: "
                         "time `localearn fit --stages N --device cuda` runs")
@@ -164,7 +174,8 @@ def format_stages(report: StagesReport) -> str:
     p, s = report.pipelined, report.spec
     mode = f", {s.get('stage_mode', 'sync')} mode"  # (local rules: the same either way)
     lines = [f"bench --stages {p.stages}: {s['rule']} on {s['model']} (K={s['k']}), batch "
-             f"{s['batch_size']}, CPU{mode}; {p.steps} timed steps after warm-up",
+             f"{s['batch_size']}, CPU{mode}; {p.steps} timed steps after warm-up (the rate over "
+             f"the last {p.steps - 1}, the pipeline full)",
              f"  pipelined, {p.stages} processes x {p.threads} thread(s): "
              f"{p.images_per_s:.1f} images/s (stages start at modules 0, "
              f"{', '.join(map(str, p.starts))})",

@@ -260,3 +260,6 @@ def test_bench_stages_reports_throughput_and_idle(capsys):
     assert set(report["one_process"]) == {"1", "2"}
     assert report["speedup"]["1"] == pytest.approx(p["images_per_s"]
                                                    / report["one_process"]["1"])
+    # the first timed step fills the pipeline: the rate needs at least one more
+    assert main([*args[:-5], "--steps", "1", "--warmup", "1", "--stage-cuts", "2"]) == 2
+    assert "bench --stages needs at least 2" in capsys.readouterr().err

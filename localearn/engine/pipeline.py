@@ -356,10 +356,11 @@ class PipelineStep:
             self._stats.append((dist.all_reduce(stats, async_op=True), stats))
         except RuntimeError as exc:
             raise self._lost(exc, "summing statistics") from None
-        self.busy += time.perf_counter() - began
-        if len(self._stats) <= self.lag:
-            return [0.0] * (len(stats) - 2)
-        return self._read(*self._stats.popleft())
+        totals = [0.0] * (len(stats) - 2)
+        if len(self._stats) > self.lag:
+            totals = self._read(*self._stats.popleft())
+        self.busy += time.perf_counter() - began  # the whole step, its waits included
+        return totals
 
     def _stats_vector(self, local: dict[int, Tensor], loss: Tensor | None,
                       logits: Tensor | None, targets: Tensor) -> Tensor:
