@@ -1,5 +1,7 @@
 """A job for tests/test_pipeline.py, run under torchrun: registers a third-party rule (`Probe`,
-built on LocalRule, defined here and in no installed package), then runs ``localearn ARGS``."""
+built on LocalRule, defined here and in no installed package) and a dataset (`short_digits`, a
+stream that holds fewer samples than it states and counts what each process reads), then runs
+``localearn ARGS``."""
 
 from __future__ import annotations
 
@@ -7,8 +9,13 @@ import os
 import sys
 
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
+from localearn.data.datasets import DataSplits, digits
 from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
+
+#: samples this process has read from a `ShortStream`
+READS = [0]
 
 
 class ProbeHead(AuxHead):
@@ -44,9 +51,40 @@ class Probe(LocalRule):
         return super().module_loss(net, index, x, images, targets)
 
 
+class ShortStream(IterableDataset):
+    """``base`` as a stream, in order, that states len(base) samples but holds the first
+    ``held``; reading one counts it in `READS`."""
+
+    def __init__(self, base, held: int) -> None:
+        self.base, self.held = base, held
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self):
+        for i in range(self.held):
+            READS[0] += 1
+            yield self.base[i]
+
+
+def short_digits(data_dir=None, **kw) -> DataSplits:
+    """Digits, the training split a `ShortStream` holding ``$HELD`` samples; with
+    ``$READS_DIR`` set, each process writes its count there at exit (``reads-RANK``)."""
+    splits = digits(data_dir, **kw)
+    held = int(os.environ.get("HELD", len(splits.train)))
+    if os.environ.get("READS_DIR"):
+        import atexit
+        from pathlib import Path
+
+        out = Path(os.environ["READS_DIR"]) / f"reads-{os.environ.get('RANK', '0')}"
+        atexit.register(lambda: out.write_text(str(READS[0])))
+    return DataSplits(ShortStream(splits.train, held), splits.test, splits.info)
+
+
 if __name__ == "__main__":
     from localearn import registry
     from localearn.cli import main
 
     registry.register("rule", "pipeprobe", Probe)
+    registry.register("dataset", "short_digits", short_digits)
     sys.exit(main(sys.argv[1:]))

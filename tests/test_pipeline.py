@@ -233,6 +233,38 @@ def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path, pipeprobe):
     same_runs(tmp_path / "one", run)
 
 
+@pytest.fixture
+def short_digits(monkeypatch):
+    """The job script's short stream, registered in this process for the test only."""
+    spec = importlib.util.spec_from_file_location("pipeline_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    registry.register("dataset", "short_digits", module.short_digits)
+    yield module
+    registry._SESSION["dataset"].pop("short_digits", None)
+
+
+def test_later_stages_read_no_data_and_a_short_stream_ends_every_stage(tmp_path, monkeypatch,
+                                                                       short_digits):
+    # the stream states 128 samples (4 batches of 32) but holds 80: every epoch ends early
+    # on stage 0, and stages 1 and 2, which read nothing themselves, must end there too (not
+    # wait for a batch that never comes: stage 0 tells stage 1, which tells stage 2)
+    args = [*BASE, "--rule", "dgl", "--epochs", "2"]
+    args[args.index("digits")] = "short_digits"
+    monkeypatch.setenv("HELD", "80")
+    one_process([*args, "--out", str(tmp_path / "one")])
+    monkeypatch.setenv("READS_DIR", str(tmp_path))
+    job = torchrun(3, [*args, "--stages", "3", "--stage-cuts", "1,3", "--out",
+                       str(tmp_path / "three")])
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    same_runs(tmp_path / "one", tmp_path / "three")
+    history = torch.load(tmp_path / "three" / "checkpoint.pt", weights_only=False)["history"]
+    assert all(0 < row["batches"] < 4 for row in history)  # short epochs, both
+    assert (tmp_path / "reads-0").read_text() == str(2 * 80)  # stage 0 read every sample
+    assert (tmp_path / "reads-1").read_text() == (tmp_path / "reads-2").read_text() == "0"
+
+
 def test_a_dead_stage_stops_the_others_with_one_line(tmp_path):
     job = torchrun(2, [*BASE, "--rule", "pipeprobe(crash_at=3)", "--epochs", "2", "--stages", "2",
                        "--out", str(tmp_path / "run")])

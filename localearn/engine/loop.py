@@ -43,7 +43,7 @@ from localearn.engine import checkpoint as ckpt_io
 from localearn.engine.checkpoint import WriteFailed, atomic_save, atomic_write_text
 from localearn.engine.signals import StopSignals, TrainingInterrupted
 from localearn.engine.state import RunState
-from localearn.engine.step import NonFiniteLoss, autocast
+from localearn.engine.step import DataEnd, NonFiniteLoss, autocast
 from localearn.errors import UserError
 from localearn.interfaces import SplitNetwork, UpdateRule
 from localearn.runlog import (
@@ -258,6 +258,13 @@ class Trainer:
             yield batch
 
     def _stream(self, epoch: int, skip: int) -> Iterator[Any]:
+        if getattr(self.stepper, "receives_batches", False):
+            # a later pipeline stage: each batch comes with stage 0's activations, so nothing
+            # is read here; if stage 0's stream runs out early its step raises `DataEnd`
+            images = torch.empty(0, *self.net.input_shape, device=self.device)
+            targets = torch.empty(0, dtype=torch.long, device=self.device)
+            while True:
+                yield images, targets
         owners = [self.train_sampler, self.train_loader.dataset]
         for owner in owners:
             if hasattr(owner, "set_epoch"):
@@ -296,6 +303,9 @@ class Trainer:
             try:
                 images, targets = next(batches)
             except StopIteration:
+                if state.batch_in_epoch < self.steps_per_epoch and \
+                        hasattr(self.stepper, "end_of_data"):
+                    self.stepper.end_of_data()  # the later stages stop here too
                 break
             except Exception:
                 if self._signals.signum is not None:  # loader workers hit by the signal too
@@ -312,6 +322,8 @@ class Trainer:
                 totals = self.stepper(images, targets)
             except NonFiniteLoss as bad:
                 self._diverged(bad.value, epoch)
+            except DataEnd:  # a later stage: stage 0's stream ended early
+                break
             state.add_step(totals)
             now = time.perf_counter()
             step_times.append(now - last)

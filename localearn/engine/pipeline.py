@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from localearn import distributed as dist_
+from localearn.engine.step import DataEnd
 from localearn.errors import SameOnEveryRank, UserError
 from localearn.interfaces import LocalRule, SplitNetwork, UpdateRule
 
@@ -217,6 +218,8 @@ class PipelineStep:
         self.ranges = stage_ranges(starts, net.k)
         self.mine = self.ranges[layout.stage]
         self.first = layout.stage == 0
+        # later stages read no data: each batch arrives with the activations from stage 0
+        self.receives_batches = not self.first
         convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
         self.channels_last = bool(convs) and not convs[0].is_contiguous() and \
             convs[0].is_contiguous(memory_format=torch.channels_last)
@@ -272,6 +275,9 @@ class PipelineStep:
         start = time.perf_counter()
         try:
             dist.recv(header, src)
+            if int(header[0]) == 0:  # the first stage's stream ran out early
+                self.end_of_data()
+                raise DataEnd
             ndim, dtype = int(header[1]), DTYPES[int(header[-1])]
             shape = [int(v) for v in header[2:2 + ndim]]
             x = torch.empty(shape, dtype=dtype, device=self.device)
@@ -290,6 +296,17 @@ class PipelineStep:
         if self.channels_last and t.dim() == 4:
             return t.contiguous(memory_format=torch.channels_last)
         return t
+
+    def end_of_data(self) -> None:
+        """Tell the next stage (which passes it on) that this epoch's stream ended before its
+        planned batches: a header for a batch of 0 images."""
+        if self.last:
+            return
+        header = torch.zeros(HEADER, dtype=torch.long)
+        try:
+            self._sends.append(_send_tensors([header], self._peer(self.layout.stage + 1)))
+        except RuntimeError as exc:
+            raise self._lost(exc, "sending the end of the data") from None
 
     def _send(self, x: Tensor, images: Tensor, targets: Tensor) -> None:
         dst = self._peer(self.layout.stage + 1)
@@ -311,13 +328,12 @@ class PipelineStep:
         from localearn.engine.step import autocast, optimizer_step
 
         began = time.perf_counter()
+        x = images
+        if not self.first:  # first: `DataEnd` leaves this step before it changes anything
+            x, images, targets = self._receive()
         self.optimizer.zero_grad(set_to_none=True)
         if self.reducer is not None:
             self.reducer.start()
-        if self.first:
-            x = images
-        else:
-            x, images, targets = self._receive()
         local: dict[int, Tensor] = {}
         loss = logits = None
         with autocast(self.device, self.precision):

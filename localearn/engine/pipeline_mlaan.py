@@ -251,12 +251,12 @@ class MLAANStageStep(PipelineStep):
 
         began = time.perf_counter()
         rule, net, ctx, K = self.rule, self.net, self.ctx, self.net.k
+        x = images
+        if not self.first:  # first: `DataEnd` leaves this step before it changes anything
+            x, images, targets = self._receive()
         self.optimizer.zero_grad(set_to_none=True)
         if self.reducer is not None:
             self.reducer.start()
-        x = images
-        if not self.first:
-            x, images, targets = self._receive()
         rule._ctx, rule.trace = ctx, []
         ins: list = [None] * K
         outs: list = [None] * K

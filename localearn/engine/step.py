@@ -122,6 +122,11 @@ def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimize
         optimizer.step()
 
 
+class DataEnd(Exception):
+    """Raised by a later pipeline stage's step when the first stage's stream ended before the
+    epoch's planned batches: the epoch ends there too."""
+
+
 class NonFiniteLoss(Exception):
     """A loss of this step was NaN or infinite (the step was not applied)."""
 
