@@ -279,6 +279,10 @@ def _peak_rss() -> int:
     return peak_memory_bytes(torch.device("cpu"))
 
 
+#: glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
 @contextlib.contextmanager
 def _return_freed_memory() -> Iterator[None]:
     """glibc only, while the block runs: serve blocks of 128 KiB and more with mmap, so freed
@@ -302,10 +306,6 @@ def _return_freed_memory() -> Iterator[None]:
         if libc is not None:
             libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
             libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
-
-
-#: glibc's mallopt parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def replay_peak(events: list[tuple[int, int]]) -> int:

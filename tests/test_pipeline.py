@@ -30,11 +30,12 @@ BASE = ["--model", "resnet32", "--k", "4", "--dataset", "digits", "--train-limit
         "--test-limit", "64", "--batch-size", "32", "--lr", "0.05", "--no-progress"]
 
 
-def _probe_class() -> type:
+def _job_module():
+    """tests/pipeline_job.py, loaded in this process (its rule and dataset)."""
     spec = importlib.util.spec_from_file_location("pipeline_job", JOB)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.Probe
+    return module
 
 
 def _env() -> dict[str, str]:
@@ -209,7 +210,7 @@ def test_mlaan_async_mode_trains(tmp_path):
 @pytest.fixture
 def pipeprobe():
     """The job script's rule, registered in this process for the test only."""
-    registry.register("rule", "pipeprobe", _probe_class())
+    registry.register("rule", "pipeprobe", _job_module().Probe)
     yield
     registry._SESSION["rule"].pop("pipeprobe", None)
 
@@ -234,13 +235,10 @@ def test_third_party_rule_resumes_exactly_after_sigkill(tmp_path, pipeprobe):
 
 
 @pytest.fixture
-def short_digits(monkeypatch):
+def short_digits():
     """The job script's short stream, registered in this process for the test only."""
-    spec = importlib.util.spec_from_file_location("pipeline_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    registry.register("dataset", "short_digits", module.short_digits)
-    yield module
+    registry.register("dataset", "short_digits", _job_module().short_digits)
+    yield
     registry._SESSION["dataset"].pop("short_digits", None)
 
 

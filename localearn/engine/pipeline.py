@@ -218,8 +218,6 @@ class PipelineStep:
         self.ranges = stage_ranges(starts, net.k)
         self.mine = self.ranges[layout.stage]
         self.first = layout.stage == 0
-        # later stages read no data: each batch arrives with the activations from stage 0
-        self.receives_batches = not self.first
         convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
         self.channels_last = bool(convs) and not convs[0].is_contiguous() and \
             convs[0].is_contiguous(memory_format=torch.channels_last)
@@ -240,6 +238,11 @@ class PipelineStep:
         self._sends: deque[Any] = deque()
         self.waited = 0.0  # seconds spent blocked on other stages
         self.busy = 0.0  # seconds in steps
+
+    @property
+    def receives_batches(self) -> bool:
+        """Later stages read no data: each batch arrives with the activations from stage 0."""
+        return not self.first
 
     # -- which module owns what
     def owned_modules(self, stage: int) -> list[nn.Module]:
