@@ -96,8 +96,7 @@ def init_process_group(env: DistEnv, device: torch.device) -> bool:
     """Join the job's process group (NCCL on GPUs, Gloo on CPUs); True if this call made it."""
     if not env.enabled or dist.is_initialized():
         return False
-    # a process that stops leaves the others waiting at most this long (LOCALEARN_TIMEOUT, s)
-    timeout = timedelta(seconds=float(os.environ.get("LOCALEARN_TIMEOUT", "1800")))
+    timeout = collective_timeout()
     if device.type == "cuda":
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
@@ -294,6 +293,7 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as run
 
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers die with this process
     for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -308,9 +308,69 @@ def torchrun(argv: list[str]) -> int:
     return 0
 
 
+#: a process that stops leaves the others waiting at most this long, in seconds
+TIMEOUT_ENV = "LOCALEARN_TIMEOUT"
+#: the largest LOCALEARN_TIMEOUT (about 31 years): larger values overflow torch's timers
+TIMEOUT_MAX = 1e9
+#: set by `torchrun` for its workers: the launcher's pid, so a worker dies with it
+LAUNCHER_ENV = "LOCALEARN_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for a stopped process (``LOCALEARN_TIMEOUT`` seconds,
+    default 1800); a value that is not a positive number is a one-line error."""
+    text = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= TIMEOUT_MAX:  # also refuses nan
+        from localearn.errors import SameOnEveryRank
+
+        raise SameOnEveryRank(f"{TIMEOUT_ENV}={text!r} is not a timeout; valid: a number of "
+                              f"seconds above 0 and at most {TIMEOUT_MAX:.0e} (default 1800)")
+    return timedelta(seconds=seconds)
+
+
+def _prctl() -> Any:
+    """libc's ``prctl``, or None off Linux (or without a usable libc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM, prctl: Any = None) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``PR_SET_PDEATHSIG``);
+    if the parent ``parent`` (a pid) is gone already, send it now. False where this is not
+    available. ``prctl``: libc's, looked up beforehand (in a ``preexec_fn``)."""
+    prctl = prctl or _prctl()
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def die_with_launcher() -> None:
+    """In a worker that `relaunch` started: stop (SIGTERM: finish the step, checkpoint) when
+    torchrun dies, even by SIGKILL; its workers run in sessions of their own and would
+    otherwise train on, unseen. Workers of a torchrun started by hand are left as they are."""
+    pid = os.environ.get(LAUNCHER_ENV, "")
+    if pid.isdigit() and launched():
+        die_with_parent(int(pid))
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``localearn ARGV`` as ``nproc`` processes under torchrun on this machine; the exit
-    status of the job."""
+    status of the job. Neither torchrun nor its workers outlive this process: a SIGKILL of it
+    stops them too (Linux)."""
+    collective_timeout()  # a bad LOCALEARN_TIMEOUT: one line here, not one per worker
     cmd = [sys.executable, "-c",
            "import sys; from localearn.distributed import torchrun; "
            "sys.exit(torchrun(sys.argv[1:]))",
@@ -319,7 +379,11 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # its own session: a signal reaches the workers once, through this process and torchrun
     # (which stops them with SIGTERM: each finishes its step and the job writes a checkpoint)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # and it gets SIGTERM when this process dies, even by SIGKILL (its workers die with it)
+    prctl, me = _prctl(), os.getpid()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=(lambda: die_with_parent(me, prctl=prctl))
+                            if prctl is not None else None)
     saved = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

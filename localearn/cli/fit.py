@@ -99,6 +99,7 @@ def fit_command(args: argparse.Namespace) -> int:
     from localearn.engine import checkpoint, fit, fit_repeats
     from localearn.runlog import console_logging
 
+    distributed.die_with_launcher()  # a worker of --nproc: stop when the launcher dies
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     overrides = dict(given)
     if args.resume and args.config is None:

@@ -1,0 +1,103 @@
+"""``localearn fit --nproc N``: torchrun and its workers never outlive the launching process,
+and a bad ``LOCALEARN_TIMEOUT`` is one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from localearn import distributed
+from localearn.errors import UserError
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
+
+
+def _marked(marker: str) -> list[int]:
+    """The pids of live processes whose environment holds ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in environ and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _workers(marker: str) -> list[int]:
+    """The marked processes that torchrun started (their environment names a RANK)."""
+    out = []
+    for pid in _marked(marker):
+        try:
+            if b"\0RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def test_sigkill_of_the_launcher_stops_torchrun_and_its_workers(tmp_path: Path) -> None:
+    marker = f"LOCALEARN_TEST_MARK={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOCALEARN_TIMEOUT="60", **{name: value})
+    cmd = [sys.executable, "-m", "localearn", "fit", "--nproc", "2", "--rule", "dgl", "--k",
+           "2", "--train-limit", "256", "--test-limit", "64", "--batch-size", "16",
+           "--epochs", "50", "--device", "cpu", "--no-progress", "--out",
+           str(tmp_path / "run")]
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_workers(marker)) < 2:  # both workers started
+            assert parent.poll() is None, "the job ended before its workers started"
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.5)
+        time.sleep(3)  # into their imports or training
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 25
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _marked(marker)
+        assert not left, f"processes outlived the killed launcher: {left}"
+    finally:
+        for pid in _marked(marker):  # never leave a runaway job behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e300"])
+def test_a_bad_timeout_is_one_line(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("LOCALEARN_TIMEOUT", value)
+    with pytest.raises(UserError, match="LOCALEARN_TIMEOUT=.* valid: a number of seconds"):
+        distributed.collective_timeout()
+
+
+def test_a_good_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCALEARN_TIMEOUT", "2.5")
+    assert distributed.collective_timeout().total_seconds() == 2.5
+    monkeypatch.delenv("LOCALEARN_TIMEOUT")
+    assert distributed.collective_timeout().total_seconds() == 1800
+
+
+def test_a_bad_timeout_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOCALEARN_TIMEOUT="abc")
+    proc = subprocess.run([sys.executable, "-m", "localearn", "fit", "--nproc", "2",
+                           "--device", "cpu", "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("localearn: error: LOCALEARN_TIMEOUT='abc'")
