@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from localearn import expr
-from localearn.build import build_run
+from localearn.build import build_network, build_run
 from localearn.config import make_config
 from localearn.engine import fit
 from localearn.errors import UserError
@@ -25,7 +25,6 @@ from localearn.models.cifar_resnet import (
     resnet110,
     unit_costs,
 )
-from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 32, 32), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
 UNITS = {"resnet32": 16, "resnet110": 55}
@@ -131,7 +130,61 @@ def test_unknown_backbone_uses_the_fallback_table():
     assert [(h.ixx, h.ixy) for h in heads] == [(1.0, 0.0), (0.0, 1.0)]
 
 
+# The public MLAAN+InfoPro code (resnetInfoProbin) ramps by the stage of the module's last block:
+# ratio = stage / (K' - 2), K' its module count (no stem module: ResNet-32 "K=15", ResNet-110
+# "K=54", ResNet-110 K=32 and ResNet-32 K=8 as here), and the recommended ends are ixx 5 -> 0,
+# ixy 0.5 -> 0. Tables by hand from that formula, per module of localearn's K (the stem module
+# is stage 0, as InfoPro's config names the stem [0, 0]):
+PUBLIC = "infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0, ramp={})"
+STAGE_RAMP = {
+    # ResNet-32 K=16: stem, blocks 1-5 (stage 1), 6-10 (stage 2), 11-14 (stage 3); K'-2 = 13
+    ("resnet32", 16, "even"): [(5, 0.5)] + [(60 / 13, 6 / 13)] * 5 + [(55 / 13, 5.5 / 13)] * 5
+    + [(50 / 13, 5 / 13)] * 4,
+    # ResNet-32 K=8: modules end at blocks 1, 3, 5 | 7, 9 | 11, 13; K'-2 = 6
+    ("resnet32", 8, "even"): [(25 / 6, 2.5 / 6)] * 3 + [(20 / 6, 2 / 6)] * 2
+    + [(15 / 6, 1.5 / 6)] * 2,
+    # ResNet-110 K=55: stem, blocks 1-18, 19-36, 37-53; K'-2 = 52
+    ("resnet110", 55, "public"): [(5, 0.5)] + [(255 / 52, 25.5 / 52)] * 18
+    + [(250 / 52, 25 / 52)] * 18 + [(245 / 52, 24.5 / 52)] * 17,
+    # ResNet-110 K=32 (public split: 11 + 11 + 10 modules, the stem in module 0); K'-2 = 30
+    ("resnet110", 32, "public"): [(145 / 30, 14.5 / 30)] * 11 + [(140 / 30, 14 / 30)] * 11
+    + [(135 / 30, 13.5 / 30)] * 9,
+}
+
+
+@pytest.mark.parametrize("model,k,split", list(STAGE_RAMP))
+def test_stage_ramp_is_the_public_mlaan_infopro_schedule(model, k, split):
+    rule = expr.build(PUBLIC.format("stage"))
+    build_network(model, k, rule, 10, (3, 32, 32), split)
+    got = [rule.weights(i, k) for i in range(k - 1)]
+    assert got == [pytest.approx(w, abs=1e-12) for w in STAGE_RAMP[model, k, split]]
+
+
+def test_module_ramp_is_the_default_and_empties_the_last_head_under_mlaan():
+    default = expr.build(PUBLIC.format("module").replace(", ramp=module", ""))
+    assert default.ramp == "module"
+    _, _, aux = setup_rule(f"mlaan({PUBLIC.format('module')})")
+    cascade = {i: h for i, h in zip(range(2, 15), aux["cascade_heads"])}
+    # module index / (K-2) = i / 14: module 2 gets 5 * 12/14 and 0.5 * 12/14, module 14 gets 0
+    assert (cascade[2].ixx, cascade[2].ixy) == (pytest.approx(30 / 7), pytest.approx(3 / 7))
+    assert (cascade[14].ixx, cascade[14].ixy) == (0.0, 0.0)
+    assert cascade[14].decoder is None and cascade[14].classifier is None
+    _, _, aux = setup_rule(f"mlaan({PUBLIC.format('stage')})")
+    last = aux["cascade_heads"][-1]
+    assert (last.ixx, last.ixy) == (pytest.approx(50 / 13), pytest.approx(5 / 13))
+    assert last.decoder is not None and last.classifier is not None
+    assert (aux["heads"][14].ixx, aux["heads"][14].ixy) == (last.ixx, last.ixy)
+
+
+def test_stage_ramp_past_its_end_is_a_user_error():
+    # ResNet-32 K=4 (public split, K'=4): module 2 ends at block 11, stage 3 / (4-2) = 1.5
+    # would give ixx = -2.5
+    with pytest.raises(UserError, match=r"ramp=stage\): module 2 of 4 gets ixx=-2.5"):
+        setup_rule(f"mlaan({PUBLIC.format('stage')}, k=1)", k=4, split="public")
+
+
 @pytest.mark.parametrize("text,match", [
+    ("infopro(ramp=depth)", "ramp"),
     ("infopro(loss=mse)", "loss"),
     ("infopro(ixx_1=-1)", "ixx_1"),
     ("infopro(head=3x)", "head"),

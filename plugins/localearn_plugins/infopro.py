@@ -8,14 +8,14 @@ ramp linearly from module 0 (``ixx_1``, ``ixy_1``) to module K-2 (``ixx_2``, ``i
 last module is trained by the backbone's own classifier, as in every local rule.
 
 Weights the user leaves out come from the public InfoPro settings for the dataset, the model and
-K (`DEFAULTS`, `settings_for`). A head whose weight is 0 is not built at all, so it holds no
-idle parameters. A module whose two weights are both 0 gets a head with nothing in it, whose
-loss is 0 (what the public code's ``0 * BCE + 0 * CE`` amounts to): InfoPro alone refuses that
-(nothing would train the module), but under MLAAN the cascades still train it. So the public
-MLAAN(InfoPro) settings, ``mlaan(infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0))``, run
-as given: module K-2's own InfoPro losses are 0 and the final loss trains it.
-(The public MLAAN code ramps by the stage index (1..3) / (K-2) rather than the module index,
-so its weights never reach 0; localearn keeps InfoPro's module-index ramp.)
+K (`DEFAULTS`). A head whose weight is 0 is not built; a module with both weights 0 gets an
+empty head whose loss is 0 (the public code's ``0 * BCE + 0 * CE``), refused by InfoPro alone
+but allowed under MLAAN, whose cascades still train the module.
+
+``ramp=module`` (default) is InfoPro's index / (K-2). ``ramp=stage`` is the public MLAAN+InfoPro
+code's (`stage_ratios`): the stage of the module's last block over the public code's K-2, so
+at ResNet-32 K=16 with ixx 5 -> 0, ixy 0.5 -> 0 the weights are 4.62, 4.23, 3.85 and 0.46,
+0.42, 0.38 over the three stages and no head is empty (``ramp=module``: 0 at module 14).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwo
 
 LossMode = Literal["contrast", "ce"]
 DecoderKind = Literal["auto", "upsample", "progressive"]
+Ramp = Literal["module", "stage"]
 
 #: (ixx_1, ixx_2, ixy_1, ixy_2) of the public InfoPro scripts (``comand.sh``), by dataset,
 #: model and K. ``resnet110*`` is InfoPro* (the memory-balanced split). K=2 has one head, so
@@ -63,12 +64,10 @@ FALLBACK_DATASET = "cifar10"
 
 
 def settings_for(model: str | None, dataset: str) -> tuple[str, str]:
-    """The ``(dataset, model)`` row of `DEFAULTS` that serves ``model`` on ``dataset``; the
-    first that exists of: the pair itself; for InfoPro* (``resnet110*``), the plain model on
-    that dataset (SVHN has no InfoPro* settings); the dataset's ResNet-110 row (ResNet-32 on
-    STL-10 or SVHN, and unknown backbones: the weights depend more on the data than on the
-    depth, STL-10 rebuilding 96x96 images at four times CIFAR-10's weight); then the same steps
-    on CIFAR-10, for data InfoPro has no settings for."""
+    """The ``(dataset, model)`` row of `DEFAULTS` serving ``model`` on ``dataset``, the first
+    that exists of: the pair; the plain model for InfoPro* (``resnet110*``); the dataset's
+    ResNet-110 row (the weights depend more on the data than on the depth); the same on
+    CIFAR-10, for data InfoPro has no settings for."""
     for data in dict.fromkeys((dataset if dataset in DEFAULTS else FALLBACK_DATASET,
                                FALLBACK_DATASET)):
         rows = DEFAULTS[data]
@@ -83,10 +82,9 @@ _STL10 = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "s
 
 
 def identify_dataset(info: DataInfo) -> str:
-    """Which of InfoPro's datasets ``info`` describes: its ``name`` when `DataInfo` carries one
-    (``cifar10-shards`` counts as ``cifar10``), else by its shape: 96x96 images or STL-10's
-    class names are ``stl10``; digit classes normalised with mean = std = 0.5 (SVHN's
-    normalisation in the public code) are ``svhn``; everything else counts as ``cifar10``."""
+    """Which of InfoPro's datasets ``info`` describes: its ``name`` if any (``cifar10-shards``
+    is ``cifar10``); else 96x96 images or STL-10's classes are ``stl10``, digits normalised
+    with mean = std = 0.5 ``svhn``, anything else ``cifar10``."""
     name = str(getattr(info, "name", "") or getattr(info, "dataset", "")).lower()
     if name:
         base = name.split("-")[0]
@@ -100,16 +98,10 @@ def identify_dataset(info: DataInfo) -> str:
 
 
 def supcon_loss(features: Tensor, targets: Tensor, temperature: float = 0.07) -> Tensor:
-    """Single-view supervised contrastive loss (Khosla et al. 2020) as InfoPro uses it.
-
-    ``features`` (N, D) are L2-normalised here. For anchor i, with positives P(i) (the other
-    samples of its class) and A(i) (every other sample)::
-
-        l_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p/t) / sum_{a in A(i)} exp(z_i.z_a/t) )
-
-    and the loss is the mean of l_i over all N anchors. An anchor whose class has no other
-    sample in the batch contributes 0 but still counts in the mean, as in the public code.
-    """
+    """Single-view supervised contrastive loss (Khosla et al. 2020) as InfoPro uses it: for
+    anchor i with positives P(i) (the other samples of its class) and A(i) (every other one),
+    ``l_i = -1/|P(i)| sum_p log(exp(z_i.z_p/t) / sum_a exp(z_i.z_a/t))`` on L2-normalised
+    features, averaged over all N anchors (one without positives counts as 0)."""
     z = F.normalize(features.float(), dim=1)
     n = z.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
@@ -127,12 +119,10 @@ class Decoder(nn.Module):
 
     ``upsample`` (InfoPro on CIFAR/STL-10): bilinear upsampling to the image size, conv3x3 to
     12*widen channels, BN, ReLU, conv3x3 to the image's channels. ``progressive`` (InfoPro's
-    ImageNet decoder, generalised): a 1x1 conv to min(C, 128*widen) channels, then repeated
-    x2 upsampling with a conv3x3 that quarters the width (never below 12*widen) until the image
-    size, then conv3x3 to the image's channels; for 512x28x28 features and 224x224 images this
-    is exactly the published 512-128-32-12-3 decoder. ``auto`` picks ``upsample`` for C <= 64
-    on images up to 96 pixels, ``progressive`` otherwise (upsampling a wide map to full
-    resolution first would cost C*H*W activations per image). The sigmoid lives in the loss.
+    ImageNet decoder, generalised; 512-128-32-12-3 for 512x28x28 features): 1x1 conv to
+    min(C, 128*widen), then x2 upsampling and a conv3x3 quartering the width (at least
+    12*widen) up to the image size, conv3x3 to the image's channels. ``auto``: ``upsample``
+    for C <= 64 on images up to 96 pixels, else ``progressive``. The sigmoid is in the loss.
     """
 
     def __init__(self, shape: Shape, image_shape: tuple[int, int, int], widen: float = 1.0,
@@ -306,6 +296,24 @@ def ramp(first: float, last: float, index: int, num_modules: int) -> float:
     return first * (1 - r) + last * r
 
 
+def unit_stages(shapes: list[Shape]) -> list[int]:
+    """The stage of every unit: 0 for unit 0 (the stem), 1 from unit 1 on, one more at every
+    unit whose output shape differs from the previous unit's (a later stage's first block)."""
+    stages = [0]
+    for u in range(1, len(shapes)):
+        stages.append(1 if u == 1 else stages[-1] + int(shapes[u] != shapes[u - 1]))
+    return stages
+
+
+def stage_ratios(net: SplitNetwork) -> list[float]:
+    """The public MLAAN+InfoPro code's ramp ratio of every module of ``net``: the stage of the
+    module's last unit over (K' - 2), 0 when K' <= 2. K' counts modules as the public code does,
+    without a module that holds the stem alone (its ResNet-32 "K=15" is K=16 here)."""
+    stages = unit_stages(list(net.unit_shapes))
+    k = net.k - int(net.k > 1 and len(net.unit_ranges[0]) == 1)
+    return [stages[r[-1]] / (k - 2) if k > 2 else 0.0 for r in net.unit_ranges]
+
+
 def identify(net: SplitNetwork) -> str | None:
     """The `DEFAULTS` model key for ``net``: its registry model name when InfoPro published
     settings for it (on any dataset), ``resnet110*`` for a ResNet-110 under the memory-balanced
@@ -325,7 +333,8 @@ class InfoPro(LocalRule):
     ``loss`` contrast|ce; ``ixx_1``/``ixx_2`` reconstruction weight of module 0 / K-2;
     ``ixy_1``/``ixy_2`` task weight; ``head`` classifier config (``1c2f``); ``widen`` head
     width factor; ``feature_dim`` projection and hidden width; ``temperature`` for SupCon;
-    ``decoder`` auto|upsample|progressive.
+    ``decoder`` auto|upsample|progressive; ``ramp`` module (InfoPro's: module index / (K-2))
+    or stage (the public MLAAN+InfoPro code's, `stage_ratios`).
     """
 
     description = ("InfoPro: image reconstruction + supervised contrastive head per module, "
@@ -335,8 +344,10 @@ class InfoPro(LocalRule):
                  ixx_2: float | None = None, ixy_1: float | None = None,
                  ixy_2: float | None = None, head: str = "1c2f", widen: float = 1.0,
                  feature_dim: int = 128, temperature: float = 0.07,
-                 decoder: DecoderKind = "auto") -> None:
+                 decoder: DecoderKind = "auto", ramp: Ramp = "module") -> None:
         super().__init__()
+        if ramp not in ("module", "stage"):
+            raise ValueError(f"ramp must be module or stage (got {ramp!r})")
         for key, value in (("ixx_1", ixx_1), ("ixx_2", ixx_2), ("ixy_1", ixy_1),
                            ("ixy_2", ixy_2)):
             if value is not None and not (value >= 0 and math.isfinite(value)):
@@ -351,6 +362,8 @@ class InfoPro(LocalRule):
         self.given = {"ixx_1": ixx_1, "ixx_2": ixx_2, "ixy_1": ixy_1, "ixy_2": ixy_2}
         self.head, self.widen, self.feature_dim = head, widen, feature_dim
         self.temperature, self.decoder = temperature, decoder
+        self.ramp = ramp
+        self.ratios: list[float] | None = None  # `stage_ratios`, set by `configure`
         self.model: str | None = None  # set by `configure`; picks the row of `DEFAULTS`
         self.dataset = FALLBACK_DATASET  # set from the DataInfo by `setup` / `make_head`
 
@@ -358,6 +371,7 @@ class InfoPro(LocalRule):
         """Learn which backbone ``net`` is and how it was split, for the per-model defaults
         (`build_network` calls it, before any head is made)."""
         self.model = identify(net)
+        self.ratios = stage_ratios(net)
 
     def ramp_ends(self, num_modules: int) -> dict[str, float]:
         """``ixx_1, ixx_2, ixy_1, ixy_2`` in force for K = ``num_modules``: the user's values,
@@ -373,8 +387,18 @@ class InfoPro(LocalRule):
     def weights(self, index: int, num_modules: int) -> tuple[float, float]:
         """``(ixx, ixy)`` of module ``index`` out of ``num_modules``."""
         ends = self.ramp_ends(num_modules)
-        return (ramp(ends["ixx_1"], ends["ixx_2"], index, num_modules),
-                ramp(ends["ixy_1"], ends["ixy_2"], index, num_modules))
+        if self.ramp == "module":
+            return (ramp(ends["ixx_1"], ends["ixx_2"], index, num_modules),
+                    ramp(ends["ixy_1"], ends["ixy_2"], index, num_modules))
+        if self.ratios is None or len(self.ratios) != num_modules:
+            raise RuntimeError("infopro(ramp=stage) needs the network first (configure)")
+        r = self.ratios[index]
+        ixx, ixy = (ends[f"{w}_1"] * (1 - r) + ends[f"{w}_2"] * r for w in ("ixx", "ixy"))
+        if ixx < 0 or ixy < 0:
+            raise UserError(f"infopro(ramp=stage): module {index} of {num_modules} gets ixx="
+                            f"{ixx:g}, ixy={ixy:g} (ratio {r:g} > 1 extrapolates the ramp); "
+                            "use ramp=module or a larger K")
+        return ixx, ixy
 
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         """InfoPro alone: every module i < K-1 is trained by its head only, so a module whose
