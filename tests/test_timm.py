@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localearn import expr, registry
+from localearn.build import build_network, find_splitter
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, PlainContext
 from localearn.models.timm_convnext import TimmConvNeXtSplitter
 from localearn.models.timm_resnet import TimmResNetSplitter
-from localearn.network import build_network, find_splitter
 
 UNITS = {"resnet34": 17, "resnet101": 34, "resnet152": 51}
 SMALL = (3, 32, 32)  # the split is checked on small inputs: 2 CPU cores
@@ -130,3 +130,29 @@ def test_every_rule_trains_resnet34_at_224(rule_name):
     for i, module in enumerate(net.local_modules):  # every module got a gradient
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), f"module {i} got no gradient"
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_zero_init_last_zeroes_every_blocks_last_norm_and_only_with_the_option(name):
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    from localearn.models import timm_resnet
+
+    def last_norms(model):  # bn2 of a BasicBlock, bn3 of a Bottleneck (timm's block classes)
+        return [m.bn3 if isinstance(m, Bottleneck) else m.bn2 for m in model.modules()
+                if isinstance(m, (BasicBlock, Bottleneck))]
+
+    blocks = UNITS[name] - 1
+    factory = getattr(timm_resnet, name)
+    torch.manual_seed(0)
+    zero = last_norms(factory(num_classes=10, zero_init_last=True))
+    plain = last_norms(factory(num_classes=10))
+    assert len(zero) == len(plain) == blocks
+    assert all(bool((n.weight == 0).all()) for n in zero)
+    assert all(bool((n.weight == 1).all()) for n in plain)
+    variant = getattr(timm_resnet, f"{name}_zero_init")(num_classes=10)
+    assert all(bool((n.weight == 0).all()) for n in last_norms(variant))
+    assert [n.weight.shape for n in last_norms(variant)] == [n.weight.shape for n in plain]
+    if f"{name}-zero-init" in registry.available("model"):  # the registered variant
+        built = registry.load("model", f"{name}-zero-init")(num_classes=10)
+        assert all(bool((n.weight == 0).all()) for n in last_norms(built))
