@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from localearn.errors import UserError
+from localearn.outputs import check_output, protect
 from localearn.runlog import read_jsonl
 
 METRICS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
@@ -44,39 +45,17 @@ def _number(value: object) -> bool:
             and math.isfinite(value))
 
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def check_output(out: Path) -> None:
-    """Refuse a PNG target that is a folder, lies under a file, or is an existing file that is
-    not a PNG (a checkpoint, a metrics file...)."""
-    try:
-        if out.is_dir():
-            raise UserError(f"-o {out} is a folder; give a file name, e.g. {out / 'plot.png'}")
-        if out.exists():
-            with open(out, "rb") as f:
-                if f.read(8) != PNG_MAGIC:
-                    raise UserError(f"-o {out} exists and is not a PNG; refusing to replace "
-                                    "it: pick another file")
-        for parent in out.absolute().parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise UserError(f"-o {out} cannot be written: {parent} is a file, not a "
-                                    "folder")
-                break
-    except OSError as exc:
-        raise UserError(f"-o {out} cannot be used: {exc.strerror or exc}") from None
-
-
 def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
-              labels: list[str] | None = None, title: str | None = None) -> Path:
-    """Draw ``metric`` against epoch for every run into the PNG ``out``."""
+              labels: list[str] | None = None, title: str | None = None,
+              overwrite: bool = False) -> Path:
+    """Draw ``metric`` against epoch for every run into the PNG ``out`` (an existing PNG is
+    replaced only with ``overwrite``; see `localearn.outputs.check_output`)."""
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if labels and len(labels) != len(runs):
         raise UserError(f"{len(labels)} labels for {len(runs)} runs; give one --label per run")
     out = Path(out)
-    check_output(out)
+    check_output(out, overwrite=overwrite, png=True)
     curves = [load_curve(Path(r), metric) for r in runs]
     import matplotlib
 
@@ -101,8 +80,11 @@ def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
 
 def save_png(fig, out: Path) -> Path:
     """Write a matplotlib figure to ``out`` as a PNG, atomically (a failed write leaves no half
-    PNG and is one `UserError` line), and close it."""
+    PNG and is one `UserError` line), and close it. Never onto a run's own file (the caller
+    has checked the target with `localearn.outputs.check_output` before its work)."""
     from localearn.engine.checkpoint import atomic_write_bytes
+
+    protect(Path(out))
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

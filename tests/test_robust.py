@@ -109,11 +109,13 @@ def test_export_refuses_to_replace_files(tmp_path, capsys):
     assert fit_cli(capsys, "--epochs", "1", "--output-dir", str(out))[0] == 0
     ckpt = out / "checkpoint.pt"
     before = ckpt.read_bytes()
+    (tmp_path / "other.txt").write_text("mine")
     for target, extra, message in (
-            (ckpt, [], "is the checkpoint being exported"),
-            (ckpt, ["--overwrite"], "is the checkpoint being exported"),
+            (ckpt, [], "is a run's final checkpoint file"),
+            (ckpt, ["--overwrite"], "not even with --overwrite"),
             (tmp_path, [], "is a folder"),
-            (out / "config.json", [], "exists; pass --overwrite"),
+            (out / "config.json", [], "is a run's settings file"),
+            (tmp_path / "other.txt", [], "exists; pass --overwrite"),
             (out / "config.json" / "x.st", [], "is a file, not a folder")):
         code = main(["export", str(out), "-o", str(target), *extra])
         assert code == 2 and message in one_line(capsys.readouterr().err), target

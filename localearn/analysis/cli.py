@@ -39,14 +39,23 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _outputs(args: argparse.Namespace, folder: Path, stem: str) -> tuple[Path, Path]:
+    """The PNG and JSON to write, checked before the work (`localearn.outputs`): never a
+    run's own file, an existing file only with ``--overwrite``."""
+    from localearn.outputs import check_outputs
+
     png = Path(args.output) if args.output else folder / "analysis" / f"{stem}.png"
     js = Path(args.json) if args.json else png.with_suffix(".json")
+    check_outputs([("-o", png, True), ("--json", js, False)], overwrite=args.overwrite)
     return png, js
 
 
 def _write_json(path: Path, data: Any) -> None:
+    from localearn.engine.checkpoint import atomic_write_text
+    from localearn.outputs import protect
+
+    protect(path, "--json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _done(png: Path, js: Path) -> None:
@@ -81,6 +90,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from localearn.analysis.probe import plot_probes, probe_run
 
     runs = _load(args.runs, args)
+    png, js = _outputs(args, runs[0].folder, "probe")
     same_model = len({r.model for r in runs}) == 1
     union = sorted({u for r in runs for u in module_ends(r.net)})
     reports = []
@@ -110,7 +120,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(markdown_table(headers, rows))
     print("\n`*` marks the run's own module boundaries; test accuracy of a linear probe on "
           "pooled features")
-    png, js = _outputs(args, runs[0].folder, "probe")
     plot_probes(reports, png)
     _write_json(js, {"analysis": "linear_probe", "l2": args.l2, "max_iter": args.max_iter,
                      "runs": [rep.to_dict() for rep in reports]})
@@ -135,6 +144,7 @@ def cmd_cka(args: argparse.Namespace) -> int:
         if run.model != reference.model:
             raise UserError(f"cka compares runs of one model: {run.label} is {run.model}, "
                             f"the reference {reference.label} is {reference.model}")
+    png, js = _outputs(args, runs[0].folder, "cka")
     results = [cka(run, reference, pool=args.pool, limit=args.limit,
                    batch_size=args.batch_size, progress=_progress(args)) for run in runs]
     rows = []
@@ -147,7 +157,6 @@ def cmd_cka(args: argparse.Namespace) -> int:
     what = "pooled" if args.pool else "flattened"
     print(f"\nlinear CKA (minibatch unbiased HSIC) on {results[0].images} test images, "
           f"{what} unit outputs")
-    png, js = _outputs(args, runs[0].folder, "cka")
     plot_cka(results, png)
     _write_json(js, {"analysis": "cka", "estimator": "minibatch unbiased HSIC",
                      "batch_size": args.batch_size, "against": reference.label,
@@ -187,6 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from localearn.analysis.transfer import evaluate_transfer, plot_transfer
 
     run = load_run(args.run, args.device, data_dir=args.train_data_dir)
+    png, js = _outputs(args, run.folder, f"transfer-{args.dataset}")
     res = evaluate_transfer(run, args.dataset, args.data_dir, restrict=args.restrict,
                             batch_size=args.batch_size, limit=args.limit,
                             download=args.download, progress=_progress(args))
@@ -199,7 +209,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"\n{run.label} on {args.dataset}: accuracy {_pct(res.accuracy)}% (argmax over "
           f"{pick}); left out: {', '.join(res.source_left_out) or 'none'} (training), "
           f"{', '.join(res.target_left_out) or 'none'} ({args.dataset})")
-    png, js = _outputs(args, run.folder, f"transfer-{args.dataset}")
     plot_transfer(res, png)
     _write_json(js, {"analysis": "transfer", **res.to_dict()})
     _done(png, js)
@@ -216,6 +225,8 @@ def _common(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
     p.add_argument("-o", "--output", type=Path,
                    help="PNG to write (default: RUN/analysis/<analysis>.png of the first run)")
     p.add_argument("--json", type=Path, help="JSON to write (default: beside the PNG)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never a run's own files)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bars")
 

@@ -136,6 +136,9 @@ def write_cifar10_shards(source: Path, out: Path, *, shard_size: int = 5000, qua
     if existing and not overwrite:
         raise UserError(f"{out} holds CIFAR-10 shards already ({existing[0].name}, ...); pick "
                         "another --out, or pass --overwrite to replace them")
+    from localearn.outputs import check_output
+
+    check_output(out / "manifest.json", flag="--out", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".cifar10-shards.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -10,15 +10,36 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from localearn.plot import plot_runs
 
     out = plot_runs(args.runs, args.output, metric=args.metric, labels=args.label,
-                    title=args.title)
+                    title=args.title, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
 
+def export_target(source: Path, output: Path | None) -> Path:
+    """Where ``export`` writes: ``-o``, else beside the checkpoint with ``.safetensors`` (for
+    a checkpoint in a run's ``checkpoints/`` folder, in the run folder, which is the run's
+    own)."""
+    if output is not None:
+        return output
+    path = source
+    if source.is_dir():
+        from localearn.engine.checkpoint import resolve
+
+        final = source / "checkpoint.pt"
+        path = final if final.is_file() else resolve("latest", source)[0]
+    out = path.with_suffix(".safetensors")
+    if out.parent.name == "checkpoints":
+        out = out.parent.parent / out.name
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from localearn.engine.checkpoint import export_safetensors
+    from localearn.outputs import check_output
 
-    out = export_safetensors(args.checkpoint, args.output, overwrite=args.overwrite)
+    target = export_target(args.checkpoint, args.output)
+    check_output(target, overwrite=args.overwrite)
+    out = export_safetensors(args.checkpoint, target, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -30,8 +51,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run folders (each with a metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, default=Path("accuracy.png"),
-                   help="PNG to write (default accuracy.png); an existing file that is not a "
-                        "PNG is never replaced")
+                   help="PNG to write (default accuracy.png); an existing PNG is replaced only "
+                        "with --overwrite, any other file (a run's own files) never")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     p.add_argument("--metric", choices=list(METRICS), default="test_acc")
     p.add_argument("--label", action="append", help="legend label, once per run in order")
     p.add_argument("--title")
@@ -39,8 +61,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's backbone weights to safetensors")
     p.add_argument("checkpoint", type=Path, help="a checkpoint file or a run folder")
     p.add_argument("-o", "--output", type=Path,
-                   help="file to write (default: the checkpoint's name with .safetensors); an "
-                        "existing file is replaced only with --overwrite, a checkpoint never")
+                   help="file to write (default: the checkpoint's name with .safetensors, in "
+                        "the run folder); an existing file is replaced only with --overwrite, "
+                        "a run's own files (a checkpoint...) never")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file (never a checkpoint)")
     p.set_defaults(func=cmd_export)

@@ -19,9 +19,6 @@ from typing import Any
 from localearn.errors import UserError
 
 PRESET_SUFFIXES = (".toml", ".yaml", ".yml")
-#: settings that do not change what a run computes: two runs differing only in these agree
-NOT_RESULTS = ("output_dir", "overwrite", "progress", "resume", "seeds", "workers", "log_every",
-               "checkpoint_every", "keep_checkpoints", "tensorboard", "device", "allow_pipe")
 #: flags passed to every preset (to shorten a table for a quick look, or point at the data)
 OVERRIDES = {"epochs": int, "train_limit": int, "test_limit": int, "batch_size": int,
              "data_dir": Path, "device": str, "workers": int}
@@ -70,6 +67,15 @@ def find_presets(folder: Path) -> list[Path]:
     return found
 
 
+def preset_names(folder: Path, presets: list[Path]) -> list[str]:
+    """Each preset's name and run folder under OUT: its path under ``folder`` without the
+    suffix (``a/dgl``), with it where two presets share that name (``a.toml``, ``a.yaml``),
+    so no two presets share a run folder."""
+    stems = [p.relative_to(folder).with_suffix("").as_posix() for p in presets]
+    return [p.relative_to(folder).as_posix() if stems.count(stem) > 1 else stem
+            for p, stem in zip(presets, stems)]
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -81,56 +87,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_RESULTS}
-
-
-def finished_result(run_dir: Path) -> tuple[float, float]:
-    """The last and best test accuracy of a finished run, from its ``summary.json`` (or, for
-    a summary without them, from ``metrics.jsonl``)."""
-    try:
-        s = json.loads((run_dir / "summary.json").read_text())
-        return float(s["last_test_acc"]), float(s["best_test_acc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if line.strip()]
-        accs = [float(r["test_acc"]) for r in rows if "test_acc" in r]
-        return accs[-1], max(accs)
-    except (OSError, ValueError, KeyError, IndexError) as exc:
-        raise UserError(f"{run_dir} holds a finished run whose results cannot be read "
-                        f"({type(exc).__name__}); delete that folder to train it again") \
-            from None
-
-
-def check_same_settings(run_dir: Path, cfg: Any) -> None:
-    """Refuse a run folder made with other settings than ``cfg`` (its ``config.json``)."""
-    path = run_dir / "config.json"
-    try:
-        saved = comparable(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return  # no settings saved: nothing to compare
-    now = comparable(cfg.model_dump(mode="json"))
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        k = diff[0]
-        raise UserError(f"{run_dir} holds a run made with other settings ({k} "
-                        f"{saved.get(k)!r}, now {now.get(k)!r}); pick another --out, or "
-                        "delete that folder")
-
-
 def run_one(cfg: Any) -> tuple[float, float, str]:
     """Train, resume or read back the run in ``cfg.output_dir``: its last and best test
     accuracy and what was done (``trained``, ``resumed`` or ``finished``)."""
     from localearn.engine import checkpoint, fit
+    from localearn.engine.repeats import check_same_settings, finished_result
 
     out = cfg.output_dir
     held = checkpoint.held_run(out) if out.is_dir() else None
     if held is not None:
         check_same_settings(out, cfg)
     if held is not None and held[0] == "finished":
-        return (*finished_result(out), "finished")
+        done = finished_result(out)
+        return done.test_acc, done.best_test_acc, "finished"
     action = "trained"
     if held is not None:  # unfinished: its newest checkpoint continues
         cfg = cfg.model_copy(update={"resume": "latest"})
@@ -162,11 +131,13 @@ def run_table(folder: Path, seeds: list[int], out: Path,
     preset's ``seeds.json`` written beside its seed folders)."""
     from localearn.config import make_config
     from localearn.engine.checkpoint import atomic_write_text
+    from localearn.outputs import check_output
 
     presets = find_presets(folder)
+    # the table's own file, rewritten when the command is rerun; never a run's files
+    check_output(out / "table.md", flag="--out", overwrite=True)
     rows = []
-    for path in presets:
-        name = path.relative_to(folder).with_suffix("").as_posix()
+    for path, name in zip(presets, preset_names(folder, presets)):
         last, best = [], []
         for seed in seeds:
             try:
