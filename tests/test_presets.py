@@ -10,23 +10,33 @@ import pytest
 import torch
 
 from localearn import expr
+from localearn.build import build_network
 from localearn.config import make_config
 from localearn.interfaces import DataInfo
 from localearn.measure import RunSpec
-from localearn.network import build_network
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-UNITS = {"resnet32": 16, "resnet110": 55, "resnet34": 17, "resnet101": 34, "resnet152": 51}
+UNITS = {"resnet32": 16, "resnet110": 55, "resnet34": 17, "resnet101": 34, "resnet152": 51,
+         "resnet34-zero-init": 17}
 # dataset -> (batch size, lr, image size) from the paper's section IV-B
 TABLE1 = {"cifar10": (1024, 0.8, 32), "svhn": (1024, 0.8, 32), "stl10": (128, 0.1, 96)}
+# the rules of the public code's files (docs/presets.md): resnetDGL.py (InfoPro's 1c2f CE
+# classifier, no decoder), resnetDGLbin (its fixed-width DGL head everywhere), resnetInfoProbin
+# (stage-index ramp), resnetMLAAN (linear heads, k=2), resnetDGL_DFLocalPlus (MLM only, InfoPro
+# classifiers, wx=0.01, wy=0.99), resnetDGL_EMAPlus (LAM only, DGL head at weight 1)
+GREEDY = "infopro(loss=ce, ixx_1=0, ixx_2=0, ixy_1=1, ixy_2=1)"
+DGL_STAR = "mlaan(dgl(style=public), leaps=public)"
 METHODS = {
-    "bp": "bp", "dgl": "dgl", "dgl-mlaan": "mlaan(dgl, leaps=public)", "infopro": "infopro",
-    "infopro-mlaan": "mlaan(infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0), "
-                     "leaps=public)",
+    "bp": "bp", "dgl": GREEDY, "dgl-mlaan": DGL_STAR, "infopro": "infopro",
+    "infopro-mlaan": "mlaan(infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0, "
+                     "ramp=stage), leaps=public)",
     "mlaan": "mlaan(linear, k=2, leaps=public)",
 }
-TABLE4 = {"dgl": "dgl", "mlm-dgl": "mlm(dgl)", "lam-dgl": "lam(dgl, leaps=public)",
-          "mlaan-dgl": "mlaan(dgl, leaps=public)"}
+TABLE4 = {"dgl": GREEDY, "mlm-dgl": f"mlm({GREEDY}, wx=0.01, wy=0.99)",
+          "lam-dgl": "lam(dgl(style=public), wx=0, wy=1, leaps=public)", "mlaan-dgl": DGL_STAR}
+# the public ImageNet code zero-initialises ResNet-34's residual BN; ResNet-101's it does not
+IMAGENET_MODEL = {"resnet34": "resnet34-zero-init", "resnet101": "resnet101",
+                  "resnet152": "resnet152"}
 ALL = sorted(CONFIGS.rglob("*.toml"))
 # building the auxiliary networks of MLAAN on ResNet-101/152 takes gigabytes (deep copies of
 # bottleneck blocks in every LAM): for those the network and the rule are built, not the aux
@@ -97,28 +107,30 @@ def test_table1_presets(path):
     assert cfg.dataset == dataset and (cfg.batch_size, cfg.lr) == TABLE1[dataset][:2]
     assert (cfg.epochs, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (400, 0.9, True, 1e-4)
     assert (cfg.warmup_epochs, cfg.warmup_lr) == (10, 0.01)
+    assert "the paper states no augmentation" in path.read_text()
 
 
 @pytest.mark.parametrize("path", presets("table2"), ids=lambda p: p.stem)
 def test_table2_presets(path):
     cfg = make_config(path)
     model, method = path.stem.split("-")
-    assert cfg.model == model and cfg.dataset == "imagenet-shards"
+    assert cfg.model == IMAGENET_MODEL[model] and cfg.dataset == "imagenet-shards"
     assert cfg.rule == ("bp" if method == "bp" else "mlaan(linear)")
     assert cfg.k == (None if method == "bp" else UNITS[model])
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.warmup_epochs) == (150, 128, 0.05, 0)
+    assert f'model = "{cfg.model}"' in path.read_text() and "# Init" in path.read_text()
 
 
 @pytest.mark.parametrize("path", presets("table3"), ids=lambda p: p.stem)
 def test_table3_presets(path):
     run = RunSpec.model_validate(tomllib.loads(path.read_text())["memory"])
     data, model, method = path.stem.split("-")
-    assert run.model == model and run.k == (None if method == "bp" else UNITS[model])
     cifar = data == "cifar10"
+    assert run.model == (model if cifar else IMAGENET_MODEL[model])
+    assert run.k == (None if method == "bp" else UNITS[model])
     assert (run.batch_size, run.input_size, run.num_classes, run.precision) == \
         ((1024, 32, 10, "32") if cifar else (128, 224, 1000, "32"))
-    want = "bp" if method == "bp" else (
-        "mlaan(dgl, leaps=public)" if cifar else "mlaan(linear)")
+    want = "bp" if method == "bp" else (DGL_STAR if cifar else "mlaan(linear)")
     assert run.rule == want
 
 
@@ -143,3 +155,15 @@ def test_flags_override_a_preset(tmp_path):
     net = build_network(cfg.model, cfg.k, rule, 10, (3, 32, 32), cfg.split)
     rule.setup(net, DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.5,) * 3))
     assert net.k == 32 and rule.cascades == list(range(1, 31))
+
+
+@pytest.mark.parametrize("path", ALL, ids=name)
+def test_no_tracker_or_machine_references(path):
+    text = path.read_text().lower()
+    for word in ("issue", "session", "/work/", "../shared"):
+        assert word not in text
+
+
+@pytest.mark.parametrize("path", [p for p in ALL if '"cifar10"' in p.read_text()], ids=name)
+def test_cifar10_presets_say_what_the_shards_hold(path):
+    assert "cifar10-shards" in path.read_text() and "JPEG-recompressed" in path.read_text()

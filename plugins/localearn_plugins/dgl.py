@@ -6,6 +6,9 @@ Two heads, picked by ``dgl(style=...)``:
   features' channels C;
 - ``public``: the fixed-width head of the public MLAAN code's DGL variant (`PublicDGLHead`),
   128 channels and a 512-wide MLP whatever C is.
+
+MLAAN and its ablations build every head, independent and cascade, through `DGL.make_head`, so
+``mlaan(dgl(style=public))`` has the public head in both places, as the public DGL+MLAAN code.
 """
 
 from __future__ import annotations
