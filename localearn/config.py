@@ -171,6 +171,9 @@ class FitConfig(BaseModel):
     @classmethod
     def _existing_dir(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_dir():
+            if v.exists():
+                raise ValueError(f"data directory {str(v)!r} is a file, not a folder; give the "
+                                 "folder holding the dataset's files")
             raise ValueError(f"data directory {str(v)!r} does not exist")
         return v
 
@@ -190,12 +193,39 @@ class FitConfig(BaseModel):
         return self
 
 
+#: settings that replace results or run commands: a decision of the command line only, never
+#: of a (possibly shared) config file
+CLI_ONLY = {"allow_pipe": ("--allow-pipe", "a shared file could switch on shell commands that "
+                                           "way", "if you trust the data"),
+            "overwrite": ("--overwrite", "a shared file could replace finished runs that way",
+                          "to replace the run in --out")}
+#: the largest config file read (a settings file is a few kilobytes)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _no_yaml_aliases(text: str, path: Path) -> None:
+    """Refuse YAML anchors and aliases (``&a``, ``*a``): settings need none, and nested aliases
+    expand exponentially (a few hundred bytes become gigabytes)."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise UserError(f"config file {str(path)!r} uses a YAML anchor or alias (line "
+                            f"{mark.line + 1}); valid: plain settings, each value written out")
+
+
 def load_config(path: Path) -> dict[str, Any]:
     """Read a TOML or YAML config file into a dict (validated later, with any overrides)."""
+    if path.is_dir():
+        raise UserError(f"config file {str(path)!r} is a folder; give a TOML or YAML file")
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"config file {str(path)!r} is larger than 1 MiB; valid: a TOML or "
+                            "YAML file of settings")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (some editors write one) is skipped
     except UnicodeDecodeError as exc:
         raise UserError(f"config file {str(path)!r} is not a text file (byte {exc.start} is not "
                         "UTF-8); valid: TOML or YAML text") from None
@@ -208,6 +238,7 @@ def load_config(path: Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
+            _no_yaml_aliases(text, path)
             data = yaml.safe_load(text) or {}
         else:
             raise UserError(f"config file {str(path)!r}: unknown format; valid: .toml, .yaml, "
@@ -221,10 +252,11 @@ def load_config(path: Path) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise UserError(f"config file {str(path)!r}: 'fit' must be a table of settings (got "
                         f"{type(settings).__name__} {settings!r:.40})")
-    if "allow_pipe" in settings:
-        raise UserError(f"config file {str(path)!r} sets allow_pipe: a shared file could switch "
-                        "on shell commands that way, so it is a command-line flag only; remove "
-                        "it and pass --allow-pipe if you trust the data")
+    for name, (flag, why, when) in CLI_ONLY.items():
+        if name in settings:
+            raise UserError(f"config file {str(path)!r} sets {name}: {why}, so it is a "
+                            f"command-line flag only; remove it and pass {flag} on the command "
+                            f"line {when}")
     return dict(settings)
 
 
@@ -238,5 +270,12 @@ def make_config(file: Path | None = None, **overrides: Any) -> FitConfig:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
-        got = f" (got {err['input']!r})" if err["loc"] and "input" in err else ""
+        msg = msg if len(msg) <= 400 else f"{msg[:397]}..."
+        got = f" (got {_short(err['input'])})" if err["loc"] and "input" in err else ""
         raise UserError(f"invalid {where}: {msg}{got}") from None
+
+
+def _short(value: Any, n: int = 100) -> str:
+    """``repr(value)``, cut to ``n`` characters: an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= n else f"{text[:n - 3]}..."

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -74,18 +75,41 @@ def console_logging(*, force: bool = False) -> None:
 
 
 # ------------------------------------------------------------------ the run's summary facts
+#: git settings that would run commands from a repository's own config: off for every call
+_GIT_SAFE = ["-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null",
+             "-c", "core.untrackedCache=false"]
+
+
+def localearn_checkout() -> Path | None:
+    """The git checkout localearn runs from (the folder above the package, holding ``.git``),
+    None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / ".git").exists() else None
+
+
+def _git(where: Path, *args: str) -> subprocess.CompletedProcess:
+    """``git ARGS`` in ``where`` and nowhere above it, with no system or global config, no
+    hooks, no file-system monitor and no prompt: a repository's config cannot run a command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0",
+               GIT_OPTIONAL_LOCKS="0", GIT_CEILING_DIRECTORIES=str(where.absolute().parent))
+    return subprocess.run(["git", *_GIT_SAFE, *args], cwd=where, capture_output=True,
+                          text=True, timeout=10, env=env, stdin=subprocess.DEVNULL)
+
+
 def git_commit(path: Path | None = None) -> dict[str, Any] | None:
-    """The git commit checked out in ``path`` (default: the working directory, the user's
-    project) and whether tracked files differ from it; None outside a repository or without
-    git."""
-    where = Path.cwd() if path is None else Path(path)
+    """The git commit checked out in ``path`` (default: localearn's own checkout, never the
+    working directory, whose repository may be anyone's) and whether tracked files differ
+    from it; None outside a repository, for an installed localearn, or without git. Git runs
+    with hooks, the file-system monitor and system and global config off."""
+    where = localearn_checkout() if path is None else Path(path)
+    if where is None or not (where / ".git").exists():
+        return None
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                              text=True, timeout=10)
+        head = _git(where, "rev-parse", "HEAD")
         if head.returncode != 0:
             return None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=where, capture_output=True, text=True, timeout=10)
+        status = _git(where, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head.stdout.strip(),
@@ -125,8 +149,8 @@ def require_tensorboard() -> None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: pip install "
-                        "'localearn[tensorboard]' (or pip install tensorboard), or drop "
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or, in a clone of localearn, pip install -e '.[tensorboard]'), or drop "
                         "--tensorboard") from None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from localearn.errors import SameOnEveryRank, UserError
@@ -72,11 +73,21 @@ def _restore_pipes(saved: str | None) -> None:
         os.environ[PIPE_ENV] = saved
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                     lineno: int, line: str | None = None) -> str:
+    """A Python warning as the command line prints it: ``localearn: warning: ...``, one line
+    (no file name, no source line)."""
+    return f"localearn: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     # on the command line, shard lists may run shell commands (pipe: URLs) only when asked:
     # fit --allow-pipe, or LOCALEARN_ALLOW_PIPE=1 for every command
     saved_pipes = os.environ.get(PIPE_ENV)
     os.environ.setdefault(PIPE_ENV, "0")
+    # warnings print in the errors' style (a recorder, such as pytest.warns, still gets them)
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
@@ -93,3 +104,4 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "exit_code", 130)
     finally:
         _restore_pipes(saved_pipes)
+        warnings.formatwarning = saved_format

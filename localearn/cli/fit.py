@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
 
+from localearn.errors import UserError
+
 _NOT_SETTINGS = ("command", "config", "func", "argv")
 #: settings a resumed run does not take from its checkpoint: where it writes (the checkpoint's
 #: own folder unless --output-dir is given), whether it may replace a run, whether its data may
@@ -73,9 +75,10 @@ def preflight(cfg: Any) -> None:
 
     rule = expr.build(cfg.rule)
     if cfg.stages > 1:
-        from localearn.engine.pipeline import check_pipelinable, parse_stage_cuts
+        from localearn.engine.stages import check_pipelinable, parse_stage_cuts
 
-        check_pipelinable(rule, None, cfg.stages)
+        check_pipelinable(rule, None, cfg.stages, mode=cfg.stage_mode,
+                          precision=cfg.precision)
         if cfg.stage_cuts:
             parse_stage_cuts(cfg.stage_cuts, None, cfg.stages)
     if cfg.device not in ("auto", "cpu"):
@@ -89,6 +92,19 @@ def preflight(cfg: Any) -> None:
     checkpoint.usable_dir(cfg.output_dir)
     if not cfg.overwrite and checkpoint.held_run(cfg.output_dir) is not None:
         checkpoint.claim_run_dir(cfg.output_dir)  # raises the one-line refusal
+
+
+def check_precision(cfg: Any) -> None:
+    """Refuse float16 autocast on the CPU: PyTorch has no fast float16 kernels there, so a run
+    takes about 160 times as long as with bf16."""
+    if cfg.precision != "16" or cfg.device not in ("auto", "cpu"):
+        return
+    import torch
+
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        raise UserError("--precision 16 on the CPU runs about 160x slower than bf16 (no fast "
+                        "float16 kernels there); valid on the CPU: --precision bf16 or 32 "
+                        "(16 is for GPUs)")
 
 
 def fit_command(args: argparse.Namespace) -> int:
@@ -109,6 +125,7 @@ def fit_command(args: argparse.Namespace) -> int:
                  if k not in _NOT_RESUMED and k in FitConfig.model_fields}
         overrides = {**saved, **given}
     cfg = make_config(args.config, **overrides)
+    check_precision(cfg)
     if (cfg.nproc > 1 or cfg.stages > 1) and not distributed.launched():
         preflight(cfg)  # a mistake is one line here, not one per worker and a torchrun trace
         return distributed.relaunch(cfg.nproc * cfg.stages, list(args.argv))

@@ -203,7 +203,8 @@ def cifar10_shards(data_dir: Path | None = None, *, download: bool = False,
         samples = _positive_int(_split_entry(manifest, name).get("samples"),
                                 f"{name}.samples", root / "manifest")
         splits.append(ShardStream(urls, tf, samples=samples, limit=limit,
-                                  num_classes=10, train=train, seed=seed, image_size=32))
+                                  num_classes=10, train=train, seed=seed, image_size=32,
+                                  max_member_bytes=_max_member(manifest, root)))
     info = DataInfo(10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, CIFAR10_CLASSES)
     return DataSplits(splits[0], splits[1], info)
 
@@ -262,6 +263,15 @@ def _positive_int(value: object, what: str, where: Path) -> int | None:
     return value
 
 
+def _max_member(manifest: dict, root: Path) -> int:
+    """The largest shard member read, in bytes: the manifest's ``max_member_mb`` (MiB), else
+    64 MiB; larger members are skipped unread and reported."""
+    from localearn.data.shardio import MAX_MEMBER_BYTES
+
+    mb = _positive_int(manifest.get("max_member_mb"), "max_member_mb", root / "manifest")
+    return MAX_MEMBER_BYTES if mb is None else mb << 20
+
+
 def _split_shards(root: Path, manifest: dict,
                   split: str) -> tuple[list[Path] | list[str] | str, int | None]:
     """Shard specs and sample count of one split: the manifest's ``urls``, or the local files
@@ -296,7 +306,8 @@ def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
     ``DIR`` holds ``train-*.tar`` and ``val-*.tar`` (or ``.tar.gz``), or a ``manifest.json``
     (or ``.toml``) with ``train``/``val`` tables of ``urls`` (brace patterns, http(s) URLs;
     ``pipe:`` URLs only where allowed, see `localearn.data.webdata`) and ``samples``, and
-    optional ``num_classes`` (or a ``classes`` list) and ``image_size``.
+    optional ``num_classes`` (or a ``classes`` list), ``image_size`` and ``max_member_mb``
+    (the largest shard member read, default 64; larger ones are skipped unread).
     """
     from localearn.data.webdata import ShardStream
 
@@ -322,7 +333,7 @@ def imagenet_shards(data_dir: Path | None = None, *, download: bool = False,
         urls, samples = _split_shards(root, manifest, name)
         splits.append(ShardStream(urls, tf, samples=samples, limit=limit,
                                   num_classes=num_classes, train=train, seed=seed,
-                                  base_dir=root))
+                                  base_dir=root, max_member_bytes=_max_member(manifest, root)))
     info = DataInfo(num_classes, (3, size, size), IMAGENET_MEAN, IMAGENET_STD)
     return DataSplits(splits[0], splits[1], info)
 

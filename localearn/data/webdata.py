@@ -37,12 +37,9 @@ empty shard is reported too. With ``image_size``, an image of another size is re
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import glob
 import io
 import multiprocessing
-import os
 import random
 import sys
 import tarfile
@@ -60,10 +57,20 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2.functional import pil_to_tensor
 from webdataset.filters import shuffle as shuffle_stage
-from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
+from localearn.data.shardio import (  # noqa: F401  (the pipe policy's public names)
+    MAX_MEMBER_BYTES,
+    PIPE_ENV,
+    check_url,
+    iter_members,
+    open_url,
+    pipes_allowed,
+    pipes_default,
+    pipes_from_env,
+    rewritten,
+)
 from localearn.errors import UserError
 
 __all__ = ["CorruptDataWarning", "PIPE_ENV", "ShardStream", "count_samples", "decode_rgb",
@@ -93,60 +100,13 @@ def _is_url(spec: str) -> bool:
     return spec.startswith(_SCHEMES)
 
 
-#: set to 1 to let commands other than ``fit --allow-pipe`` read ``pipe:`` URLs
-PIPE_ENV = "LOCALEARN_ALLOW_PIPE"
-_PIPES: contextvars.ContextVar[bool | None] = contextvars.ContextVar("localearn_allow_pipe",
-                                                                      default=None)
-
-
-def pipes_from_env() -> bool | None:
-    """``LOCALEARN_ALLOW_PIPE``: True for 1/true/yes, False for anything else, None unset."""
-    value = os.environ.get(PIPE_ENV)
-    if value is None:
-        return None
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def pipes_default() -> bool:
-    """Whether a `ShardStream` made now may read ``pipe:`` URLs: the innermost
-    `pipes_allowed`, else ``LOCALEARN_ALLOW_PIPE``, else True (Python code names its URLs)."""
-    inner = _PIPES.get()
-    if inner is not None:
-        return inner
-    env = pipes_from_env()
-    return True if env is None else env
-
-
-@contextlib.contextmanager
-def pipes_allowed(allow: bool) -> Iterator[None]:
-    """Streams made inside may (True) or may not (False) read ``pipe:`` URLs."""
-    token = _PIPES.set(bool(allow))
-    try:
-        yield
-    finally:
-        _PIPES.reset(token)
-
-
-def _check_url(url: str, allow_pipe: bool) -> None:
-    if not url.startswith("pipe:"):
-        return
-    if not allow_pipe:
-        raise UserError(f"shard URL {url[:80]!r} would run a shell command; pipe: URLs are off "
-                        "unless you pass --allow-pipe (or set LOCALEARN_ALLOW_PIPE=1), and only "
-                        "for data you trust")
-    from webdataset import utils as wds_utils
-
-    if wds_utils.enforce_security:
-        raise UserError(f"webdataset refuses shard URL {url[:80]!r}: WDS_SECURE=1 forbids pipe: "
-                        "URLs; unset WDS_SECURE, or name the shards by local path or http(s) URL")
-
-
 def expand_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None, *,
                   allow_pipe: bool = True) -> list[str]:
     """Shard URLs from brace patterns (``a-{000..009}.tar``), globs (local paths only), lists
     and ``pipe:``/``http`` URLs; relative local paths are taken relative to ``base`` and
     every local path is made absolute (so no file name is ever read as a URL). A ``pipe:`` URL
-    is a `UserError` unless ``allow_pipe``; a ``Path`` is always a local path."""
+    is a `UserError` unless ``allow_pipe``; a ``Path`` is always a local path. URLs are
+    returned (and checked) after webdataset's ``GOPEN_REWRITE`` rules, and opened as such."""
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     out: list[str] = []
     for s in specs:
@@ -154,10 +114,13 @@ def expand_shards(spec: str | Path | Sequence[str | Path], base: Path | None = N
             out.append(str(s.expanduser().absolute()))
             continue
         for url in expand_urls(s):
+            given = url
+            if _is_url(url):  # checked as webdataset will open it: GOPEN_REWRITE applied
+                url = rewritten(url)
             if url.startswith("file:"):
                 url = url2pathname(urlparse(url).path)
             elif _is_url(url):
-                _check_url(url, allow_pipe)
+                check_url(url, allow_pipe, given)
                 out.append(url)
                 continue
             path = Path(url).expanduser()
@@ -173,16 +136,11 @@ def expand_shards(spec: str | Path | Sequence[str | Path], base: Path | None = N
 
 def _open(url: str) -> Any:
     """A binary stream of one shard: a local path as a plain file (never through a URL
-    handler), a URL through webdataset, whose refusals become one `UserError` line."""
+    handler), a URL (from `expand_shards`: rewritten already) through webdataset's handler,
+    whose refusals become one `UserError` line."""
     if not _is_url(url):
         return open(url, "rb")
-    try:
-        return gopen(url)
-    except ValueError as exc:
-        if "unsafe_gopen" in str(exc) or "security" in str(exc):
-            raise UserError(f"webdataset refuses shard URL {url[:80]!r} ({exc}); unset "
-                            "WDS_SECURE or name the shards by local path") from None
-        raise
+    return open_url(url)
 
 
 def _close(stream: Any) -> None:
@@ -190,15 +148,15 @@ def _close(stream: Any) -> None:
         stream.close()
 
 
-def _iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) for every regular file of one shard, in tar order."""
+def _iter_members(url: str, max_bytes: int | None = MAX_MEMBER_BYTES,
+                  oversized: Callable[[str, int], None] | None = None,
+                  ) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) for every regular file of one shard, in tar order; members over
+    ``max_bytes`` are skipped unread and passed to ``oversized``."""
     stream = _open(url)
     finished = False
     try:
-        for member in tar_file_iterator(stream):
-            key, ext = base_plus_ext(member["fname"])
-            if key is not None:
-                yield key, ext.lower(), member["data"]
+        yield from iter_members(stream, max_bytes, oversized, base_plus_ext)
         finished = True
     finally:
         try:
@@ -260,6 +218,14 @@ def count_samples(url: str) -> int:
     return len(keys)
 
 
+class _Oversized(str):
+    """A report of shard members skipped for their size (counted apart from damage)."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.4g} MiB"
+
+
 def decode_rgb(data: bytes) -> Tensor:
     """An encoded image (any format PIL reads) as a uint8 (3, H, W) RGB tensor; truncated or
     unreadable data raises. (PIL, not torchvision.io, whose decoders are deprecated.)"""
@@ -293,7 +259,9 @@ class ShardStream(IterableDataset):
     ``resample``: True, False, or ``"auto"`` (resampled when training on several ranks).
     ``allow_pipe``: whether ``pipe:`` URLs (shell commands) may be read (default:
     `pipes_default`). ``image_size`` (``(H, W)`` or one side): decoded images of another size
-    are resized to it and counted (``skipped["resized"]``).
+    are resized to it and counted (``skipped["resized"]``). ``max_member_bytes``: a shard
+    member larger than this is skipped without being read (counted, ``skipped["oversized"]``,
+    and reported in one line per shard); None reads members of any size.
     """
 
     def __init__(
@@ -312,8 +280,13 @@ class ShardStream(IterableDataset):
         max_warnings: int = 5,
         allow_pipe: bool | None = None,
         image_size: int | tuple[int, int] | None = None,
+        max_member_bytes: int | None = MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
+        if max_member_bytes is not None and max_member_bytes < 1:
+            raise UserError(f"the largest shard member must be at least 1 byte (got "
+                            f"{max_member_bytes})")
+        self.max_member_bytes = max_member_bytes
         self.allow_pipe = pipes_default() if allow_pipe is None else bool(allow_pipe)
         urls = expand_shards(shards, base_dir, allow_pipe=self.allow_pipe)
         if not urls:
@@ -334,8 +307,8 @@ class ShardStream(IterableDataset):
         self._rank: tuple[int, int] | None = None
         self.shards = self._plan(urls, samples, limit)
         # skipped samples, unreadable shards, samples lost in them, usable samples delivered,
-        # images resized to image_size
-        self._stats = multiprocessing.get_context().Array("q", 5)
+        # images resized to image_size, members over max_member_bytes skipped
+        self._stats = multiprocessing.get_context().Array("q", 6)
         self._reported = (0, 0, 0)
 
     # ----------------------------------------------------------------------------- planning
@@ -407,10 +380,12 @@ class ShardStream(IterableDataset):
     def skipped(self) -> dict[str, int]:
         """Totals over all workers so far: skipped samples, unreadable shards, the samples
         known to be lost in those shards (a lower bound: a cut shard hides what followed the
-        cut), usable samples delivered and images resized to ``image_size``."""
+        cut), usable samples delivered, images resized to ``image_size`` and shard members
+        over ``max_member_bytes`` skipped."""
         with self._stats.get_lock():
-            s, b, lost, ok, resized = self._stats[:]
-        return {"samples": s, "shards": b, "lost": lost, "delivered": ok, "resized": resized}
+            s, b, lost, ok, resized, big = self._stats[:]
+        return {"samples": s, "shards": b, "lost": lost, "delivered": ok, "resized": resized,
+                "oversized": big}
 
     def report(self) -> str | None:
         """Warn about skips since the last report; returns the message (None if none)."""
@@ -435,7 +410,9 @@ class ShardStream(IterableDataset):
         """The raw samples of one shard; stops at ``cap`` or at the first unreadable byte."""
         seen = 0
         current: dict[str, Any] | None = None
-        members = _iter_members(shard.url)
+        big: list[tuple[str, int]] = []
+        members = _iter_members(shard.url, self.max_member_bytes,
+                                lambda name, size: big.append((name, size)))
         try:
             for key, ext, data in members:
                 if current is not None and key != current["__key__"]:
@@ -472,6 +449,13 @@ class ShardStream(IterableDataset):
                 f"({type(exc).__name__}: {exc}); skipped the rest{what}")
         finally:
             members.close()  # closes the file or pipe at once when stopping at ``cap``
+            if big:
+                self._add(5, len(big))
+                cap = self.max_member_bytes or 0
+                log(_Oversized(f"shard {shard.url}: skipped {len(big)} member(s) larger than "
+                               f"{_mib(cap)} without reading them (e.g. {big[0][0]}, "
+                               f"{_mib(big[0][1])}); raise max_member_mb in the data's "
+                               "manifest to read them"))
 
     def _decode(self, sample: dict[str, Any]) -> tuple[Tensor, int, bool]:
         """The transformed image, its label, and whether it was resized to ``image_size``."""
@@ -520,11 +504,12 @@ class ShardStream(IterableDataset):
             if quota == 0:
                 return
         warned = 0
-        skipped_here = 0
+        skipped_here = big_here = 0
 
         def log(msg: str) -> None:
-            nonlocal warned
+            nonlocal warned, big_here
             warned += 1
+            big_here += isinstance(msg, _Oversized)
             if warned <= self.max_warnings:
                 _warn(msg)
             elif warned == self.max_warnings + 1:
@@ -561,9 +546,10 @@ class ShardStream(IterableDataset):
         finally:
             self._add(3, delivered)
             if warned:
+                big = f" and oversized members in {big_here} shards" if big_here else ""
                 _warn(f"epoch {self.epoch}, rank {rank}, worker {worker}: skipped "
-                      f"{skipped_here} undecodable samples and {warned - skipped_here} "
-                      "unreadable or empty shards")
+                      f"{skipped_here} undecodable samples and {warned - skipped_here - big_here}"
+                      f" unreadable or empty shards{big}")
             if resized and self.image_size is not None:
                 _warn(f"epoch {self.epoch}, rank {rank}, worker {worker}: resized {resized} "
                       f"image(s) of another size to {self.image_size[0]}x{self.image_size[1]}")
