@@ -166,8 +166,9 @@ def test_the_member_cap_is_set_in_the_manifest(tmp_path):
                                                         "max_member_mb": 2}))
     data = imagenet_shards(tmp_path)
     assert data.train.max_member_bytes == 2 << 20
-    with pytest.warns(CorruptDataWarning, match="larger than 2 MiB"):
+    with pytest.warns(CorruptDataWarning) as record:
         assert len([y for _, y in data.test]) == 2
+    assert any("larger than 2 MiB" in str(w.message) for w in record)
     (tmp_path / "manifest.json").write_text(json.dumps({"max_member_mb": 0}))
     with pytest.raises(UserError, match="max_member_mb must be a positive integer"):
         imagenet_shards(tmp_path)

@@ -167,14 +167,20 @@ def cmd_cka(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- features
 def cmd_features(args: argparse.Namespace) -> int:
-    from localearn.analysis.features import feature_maps
+    from localearn.analysis.features import feature_maps, module_ends, pick
 
     if args.modules is not None and args.units is not None:
         raise UserError("pass --modules or --units, not both")
     runs = _load(args.runs, args)
+    modules, units = _indices(args.modules), _indices(args.units)
+    first = runs[0].net  # indices checked before the outputs: the input's mistake first
+    if units is not None:
+        pick(range(len(first.units)), len(first.units), units, "unit")
+    elif modules is not None:
+        pick(module_ends(first), len(module_ends(first)), modules, "module")
     png, js = _outputs(args, runs[0].folder, "features")
     stats = feature_maps(runs, png, images=args.images, channels=args.channels,
-                         modules=_indices(args.modules), units=_indices(args.units))
+                         modules=modules, units=units)
     rows = []
     for r in stats["runs"]:
         for p in r["positions"]:
