@@ -4,7 +4,8 @@
 the tests all build through here, so what is measured is what is trained: the rule from its
 expression, the data (or a given `DataInfo` for synthetic batches), the network through the
 registry, the auxiliary networks, device and memory format, the optimizer over the de-duplicated
-trainable parameters, and the `TrainStep` that owns precision, scaling and reduction.
+trainable parameters, the parallel strategy (one process, data parallel, pipelined stages) and
+the one `Step` that runs a batch under any of them.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from localearn import distributed as dist_
 from localearn import expr, registry
 from localearn.config import FitConfig
 from localearn.data import DataSplits
-from localearn.engine.step import TrainStep
+from localearn.engine.parallel import DataParallel, Single
+from localearn.engine.step import Step
 from localearn.errors import UserError
-from localearn.interfaces import DataInfo, UpdateRule
-from localearn.network import SplitNetwork, build_network
+from localearn.interfaces import DataInfo, LocalModuleSplitter, UpdateRule
+from localearn.network import SplitNetwork
 
 
 @dataclass
@@ -45,8 +47,11 @@ class Run:
     data: DataSplits | None
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    step: TrainStep
-    reducer: dist_.GradReducer | None
+    step: Step
+
+    @property
+    def strategy(self) -> Single:
+        return self.step.strategy
 
 
 def seed_everything(seed: int) -> None:
@@ -182,17 +187,59 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay)
-    if cfg.stages > 1:  # pipelined: this process trains one stage's modules
-        from localearn.engine.pipeline import pipeline_step
-
-        step = pipeline_step(cfg, rule, net, aux, optimizer, device, env)
-        reducer = step.reducer
-        seed_everything(cfg.seed + step.layout.replica)  # the stages of one replica draw alike
-    else:
-        reducer = dist_.GradReducer(params, env.world_size) if env.enabled else None
+    strategy = make_strategy(cfg, rule, net, params, optimizer, device, env)
+    if cfg.stages > 1:  # the stages of one replica draw alike
+        seed_everything(cfg.seed + strategy.layout.replica)
     if cfg.compile:  # in place: state-dict names stay those of the plain modules
         for module in rule.compile_targets(net, aux):
             module.compile()
-    if cfg.stages == 1:
-        step = TrainStep(rule, net, optimizer, device, cfg.precision, reducer, env)
-    return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step, reducer)
+    step = Step(rule, net, optimizer, device, cfg.precision, strategy)
+    return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step)
+
+
+def make_strategy(cfg: FitConfig, rule: UpdateRule, net: SplitNetwork,
+                  params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                  device: torch.device, env: dist_.DistEnv) -> Single:
+    """Pipelined stages for ``cfg.stages > 1`` (cut by ``cfg.stage_cuts`` or balanced by
+    measured time), data parallel in a multi-process job, else one process."""
+    if cfg.stages > 1:
+        from localearn.engine.pipeline import Pipeline
+        from localearn.engine.stages import check_pipelinable, layout_of, plan_cuts
+
+        layout = layout_of(cfg.stages, env)
+        check = {"mode": cfg.stage_mode, "precision": cfg.precision}
+        check_pipelinable(rule, net.k, cfg.stages, **check)
+        starts = plan_cuts(cfg, rule, net, env)
+        check_pipelinable(rule, net.k, cfg.stages, starts=starts, **check)
+        return Pipeline(env, layout, starts, rule, net, optimizer, device, cfg.stage_mode)
+    if env.enabled:
+        return DataParallel(env, params)
+    return Single(env)
+
+
+def find_splitter(backbone: nn.Module, model_name: str) -> LocalModuleSplitter:
+    """The first registered splitter that accepts ``backbone``."""
+    names = registry.available("splitter")
+    for name in names:
+        splitter = registry.load("splitter", name)()
+        if splitter.accepts(backbone):
+            return splitter
+    raise UserError(f"no registered splitter can cut model {model_name!r}; registered "
+                    f"splitters: {', '.join(names)}")
+
+
+def build_network(model: str, k: int | None, rule: UpdateRule, num_classes: int,
+                  input_shape: tuple[int, int, int], split: str = "even") -> SplitNetwork:
+    """Backbone from the registry, cut into the K the rule agrees to (validated here); the
+    rule then learns the network (`UpdateRule.configure`) before it builds any head."""
+    backbone = registry.load("model", model)(num_classes=num_classes)
+    splitter = find_splitter(backbone, model)
+    num_units = len(splitter.units(backbone))
+    if k is None:  # a split that fixes K by itself (an explicit cut list) decides it
+        k = splitter.implied_k(split, num_units)
+    k = rule.num_modules(k, num_units)
+    if not 1 <= k <= num_units:
+        raise UserError(f"K={k} is out of range for model {model!r}: valid K is 1..{num_units}")
+    net = splitter.split(backbone, k, input_shape, policy=split, model_name=model)
+    rule.configure(net)
+    return net

@@ -14,15 +14,19 @@ The network the rule trains is a `SplitNetwork`: K gradient-isolated local modul
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor, nn
 
+from localearn.context import PlainContext, StepContext, StepResult
 from localearn.errors import UserError
 from localearn.network import Shape, SplitNetwork
+
+__all__ = ["AuxHead", "DataInfo", "HeadFactory", "LocalModuleSplitter", "LocalRule",
+           "PlainContext", "Shape", "SplitNetwork", "StepContext", "StepResult", "UpdateRule",
+           "parse_cut_list"]
 
 
 @dataclass(frozen=True)
@@ -154,53 +158,6 @@ class AuxHead(nn.Module, ABC):
         return list(self.children())
 
 
-@dataclass
-class StepResult:
-    """What one training step reports, as detached tensors (the engine reads them on the host
-    once per step, not once per module): the final classifier's loss and logits, and one
-    local loss per auxiliary objective."""
-
-    loss: Tensor
-    logits: Tensor
-    local_losses: list[Tensor] = field(default_factory=list)
-
-
-@runtime_checkable
-class StepContext(Protocol):
-    """What the engine offers a rule during `UpdateRule.train_step`.
-
-    The engine owns precision, loss scaling and gradient reduction; a rule only says what to
-    back-propagate and when a group of parameters has its final gradient."""
-
-    def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
-        """Back-propagate a scalar loss (scaled first when fp16 gradient scaling is on)."""
-
-    def backward_from(self, outputs: Tensor | Sequence[Tensor], grads: Tensor | Sequence[Tensor],
-                      inputs: Sequence[Tensor] | None = None, *,
-                      retain_graph: bool = False) -> None:
-        """Continue a backward pass from ``outputs`` with gradients ``grads`` that came out of
-        an earlier `backward` (so they already carry any loss scale); with ``inputs``, only
-        those tensors receive gradient (``torch.autograd.backward``'s meaning)."""
-
-    def grads_ready(self, params: Iterable[nn.Parameter]) -> None:
-        """``params`` get no more gradient in this step (multi-process training starts their
-        all-reduce now, overlapping the rest of the step)."""
-
-
-class PlainContext:
-    """A `StepContext` without scaling or reduction: for calling a rule outside the engine
-    (tests, notebooks, examples)."""
-
-    def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
-        loss.backward(retain_graph=retain_graph)
-
-    def backward_from(self, outputs, grads, inputs=None, *, retain_graph: bool = False) -> None:
-        torch.autograd.backward(outputs, grads, inputs=inputs, retain_graph=retain_graph)
-
-    def grads_ready(self, params: Iterable[nn.Parameter]) -> None:
-        pass
-
-
 @runtime_checkable
 class HeadFactory(Protocol):
     """What a decorator rule such as MLAAN needs of its base: heads, made for a network."""
@@ -270,6 +227,32 @@ class UpdateRule(ABC):
     def after_step(self) -> None:
         """Called after every optimizer step (EMA updates and the like)."""
 
+    # -- pipelined stages (``fit --stages N``): each stage runs this rule's own `train_step`
+    # -- on the modules ``ctx.modules(K)`` gives it
+    def stage_check(self, ranges: list[range], mode: str, precision: str) -> str | None:
+        """None when this rule trains on pipelined stages holding the modules ``ranges`` (one
+        range per stage, in order) in ``mode`` (sync or async) at ``precision``; else why
+        not, in one line. The default refuses: a rule says it runs on stages by overriding
+        this (and `stage_parts`)."""
+        return (f"{self.expression} is neither built on LocalRule's step nor says it runs on "
+                "stages (UpdateRule.stage_check)")
+
+    def stage_parts(self, modules: range) -> list[nn.Module | nn.Parameter]:
+        """The auxiliary modules (and loose parameters) that train with ``modules`` on a
+        pipelined stage: the stage steps, averages and broadcasts them with its own."""
+        return []
+
+    def units_read(self, modules: range) -> list[int]:
+        """Backbone units (indices into ``net.units``) whose current weights this rule's
+        work for ``modules`` reads, wherever they train (MLAAN's EMA twins follow later
+        blocks). A pipelined stage receives the ones another stage trains after every
+        optimizer step (a step late in async mode), before `after_step`."""
+        return []
+
+    def flush(self, ctx: StepContext) -> None:
+        """Called before a pipelined run brings its stages together (evaluation, checkpoints,
+        the end of an epoch): take whatever this rule's async mode left in flight."""
+
     def state_dict(self) -> dict[str, Any]:
         """State outside the auxiliary module's parameters and buffers (plain values or
         tensors), saved in checkpoints; the default has none."""
@@ -331,12 +314,17 @@ class LocalRule(UpdateRule):
         cls = type(self)
         return cls.train_step is LocalRule.train_step and cls.losses is LocalRule.losses
 
+    def stage_check(self, ranges: list[range], mode: str, precision: str) -> str | None:
+        return None if self.pipelinable else super().stage_check(ranges, mode, precision)
+
+    def stage_parts(self, modules: range) -> list[nn.Module | nn.Parameter]:
+        return [self.heads[i] for i in modules if i < len(self.heads)]
+
     def module_loss(self, net: SplitNetwork, index: int, x: Tensor, images: Tensor,
                     targets: Tensor) -> tuple[Tensor, Tensor]:
         """Module ``index`` on the detached ``x`` (the previous module's output, or the
         images): ``(its loss, its output)``. The head's loss for index < K-1, cross-entropy on
-        the backbone's logits for the last. Pipelined training (``--stages``) calls this for
-        the modules of each stage."""
+        the backbone's logits for the last."""
         out = net.local_modules[index](x.detach())
         if index < net.k - 1:
             return self.heads[index].loss(out, targets, images), out
@@ -344,6 +332,28 @@ class LocalRule(UpdateRule):
 
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:
+        if type(self).losses is not LocalRule.losses:  # a subclass's own loss sequence
+            return self._step_over_losses(ctx, net, images, targets)
+        local: list[Tensor] = []
+        x, loss, out = images, None, None
+        for i in ctx.modules(net.k):
+            loss, out = self.module_loss(net, i, ctx.enter(i, x), images, targets)
+            ctx.leave(i, out)  # on to the next stage, before this module's backward
+            ctx.backward(loss)
+            params = list(net.local_modules[i].parameters())
+            if i < len(self.heads):
+                params += list(self.heads[i].parameters())
+                local.append(loss.detach())
+            ctx.grads_ready(params)
+            x = out
+        if out is None:
+            raise RuntimeError("train_step: this process trains no module")
+        last = ctx.modules(net.k).stop == net.k
+        return StepResult(loss=loss.detach() if last else None,
+                          logits=out.detach() if last else None, local_losses=local)
+
+    def _step_over_losses(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
+                          targets: Tensor) -> StepResult:
         local: list[Tensor] = []
         for i, (loss, out) in enumerate(self.losses(net, images, targets)):
             ctx.backward(loss)

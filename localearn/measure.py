@@ -50,11 +50,10 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 
 from localearn import expr
-from localearn.build import build_run, resolve_device
+from localearn.build import build_network, build_run, resolve_device
 from localearn.config import FitConfig
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, UpdateRule
-from localearn.network import build_network
 from localearn.runlog import peak_memory_bytes
 
 T = TypeVar("T")

@@ -1,11 +1,12 @@
 """``localearn bench --stages N``: the throughput of pipelined training against one process.
 
 The pipelined run is N processes (one per stage, one thread each unless ``--threads``) started
-by torchrun, each training its stage on a fixed synthetic batch with the engine's own
-`PipelineStep`; after the warm-up steps every process meets at a barrier and runs the timed
-steps. The first timed step fills the pipeline (the last stage waits for the first batch to
-cross every stage); images/s is the last stage's rate over the other steps, the rate at which a
-full pipeline delivers trained batches, as through an epoch of training (fill and drain happen
+by torchrun, each training its stage on a fixed synthetic batch with the engine's own `Step`
+(under the `Pipeline` strategy); after the warm-up steps every process meets at a barrier and
+runs the timed steps. The first timed step fills the pipeline (the last stage waits for the first
+batch to cross every stage); images/s is the last stage's rate over the other steps, the rate at
+which a full pipeline delivers trained batches, as through an epoch of training (fill and drain
+happen
 once an epoch). Each stage also reports its idle fraction over the same steps: the time it spent
 blocked on another stage (receiving activations, reading the lagged statistics) over its time
 in steps.
@@ -105,7 +106,7 @@ def _stage_worker(spec: dict, warmup: int, steps: int, out: Path) -> None:
     try:
         run = build_run(_config(spec, spec["stages"]), info=_info(spec),
                         device=torch.device("cpu"), env=env)
-        step = run.step
+        step, strategy = run.step, run.strategy
         run.net.train()
         run.aux.train()
         images, targets = _batch(spec)
@@ -114,12 +115,12 @@ def _stage_worker(spec: dict, warmup: int, steps: int, out: Path) -> None:
         step.drain()
         dist.barrier()
         step(images, targets)  # the pipeline fills: the last stage waits for the first batch
-        step.waited = step.busy = 0.0
+        strategy.waited = strategy.busy = 0.0
         start = time.perf_counter()
         for _ in range(steps - 1):
             step(images, targets)
         wall = time.perf_counter() - start  # the last stage's: batches leave at this rate
-        idle = step.idle_fraction()
+        idle = strategy.idle_fraction()
         step.drain()
         dist.barrier()
         idle = dist_.gather_objects(idle, env)
@@ -128,7 +129,7 @@ def _stage_worker(spec: dict, warmup: int, steps: int, out: Path) -> None:
             wall = walls[-1]
             result = StageBench(stages=spec["stages"], threads=torch.get_num_threads(),
                                 steps=steps, images_per_s=(steps - 1) * spec["batch_size"] / wall,
-                                wall_s=wall, idle=idle, starts=step.starts)
+                                wall_s=wall, idle=idle, starts=strategy.starts)
             out.write_text(result.model_dump_json())
     finally:
         dist_.destroy_process_group()

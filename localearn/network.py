@@ -1,22 +1,15 @@
 """The split network: a backbone cut into K gradient-isolated local modules.
 
-`build_network` is the one way a run gets its network: the backbone from the registry, the
-first registered splitter that accepts it, the K the rule agrees to, then ``rule.configure``.
+A data type only: `localearn.build.build_network` makes one from the registry (the backbone, the
+first registered splitter that accepts it, the K the rule agrees to, then ``rule.configure``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-from localearn import registry
-from localearn.errors import UserError
-
-if TYPE_CHECKING:
-    from localearn.interfaces import LocalModuleSplitter, UpdateRule
 
 Shape = tuple[int, ...]
 
@@ -87,31 +80,3 @@ class SplitNetwork(nn.Module):
         for module in self.local_modules:
             x = module(x)
         return x
-
-
-def find_splitter(backbone: nn.Module, model_name: str) -> LocalModuleSplitter:
-    """The first registered splitter that accepts ``backbone``."""
-    names = registry.available("splitter")
-    for name in names:
-        splitter = registry.load("splitter", name)()
-        if splitter.accepts(backbone):
-            return splitter
-    raise UserError(f"no registered splitter can cut model {model_name!r}; registered "
-                    f"splitters: {', '.join(names)}")
-
-
-def build_network(model: str, k: int | None, rule: UpdateRule, num_classes: int,
-                  input_shape: tuple[int, int, int], split: str = "even") -> SplitNetwork:
-    """Backbone from the registry, cut into the K the rule agrees to (validated here); the
-    rule then learns the network (`UpdateRule.configure`) before it builds any head."""
-    backbone = registry.load("model", model)(num_classes=num_classes)
-    splitter = find_splitter(backbone, model)
-    num_units = len(splitter.units(backbone))
-    if k is None:  # a split that fixes K by itself (an explicit cut list) decides it
-        k = splitter.implied_k(split, num_units)
-    k = rule.num_modules(k, num_units)
-    if not 1 <= k <= num_units:
-        raise UserError(f"K={k} is out of range for model {model!r}: valid K is 1..{num_units}")
-    net = splitter.split(backbone, k, input_shape, policy=split, model_name=model)
-    rule.configure(net)
-    return net

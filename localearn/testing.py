@@ -37,8 +37,8 @@ def check_isolation(rule: UpdateRule | str, *, model: str = "resnet32", k: int =
     must return a `StepResult`. The network and the rule are left as they were built.
     """
     from localearn import expr
+    from localearn.build import build_network
     from localearn.engine.step import is_legacy, run_rule
-    from localearn.network import build_network
 
     if reach < 1:
         raise ValueError(f"reach must be at least 1 (got {reach})")

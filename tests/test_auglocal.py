@@ -217,7 +217,7 @@ def test_timm_resnets_get_blocks_of_their_own_kind():
 
 def test_other_backbones_are_refused_in_one_line():
     rule = expr.build("auglocal")
-    from localearn.network import build_network
+    from localearn.build import build_network
 
     with pytest.raises(UserError, match="as ResNet blocks; convnext_tiny has Sequential units"):
         build_network("convnext_tiny", 8, rule, 10, (3, 32, 32))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from localearn import expr
+from localearn.build import build_network
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, PlainContext
 from localearn.models.cifar_resnet import (
@@ -28,7 +29,6 @@ from localearn.models.cifar_resnet import (
     resnet32,
     resnet110,
 )
-from localearn.network import build_network
 
 INFO = DataInfo(10, (3, 16, 16), (0.5,) * 3, (0.25,) * 3)  # small images: a fast oracle
 CIFAR = DataInfo(10, (3, 32, 32), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))

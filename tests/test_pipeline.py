@@ -20,7 +20,7 @@ import torch
 
 from localearn import expr, registry
 from localearn.cli import main
-from localearn.engine.pipeline import balance, check_pipelinable, parse_stage_cuts
+from localearn.engine.stages import balance, check_pipelinable, parse_stage_cuts
 from localearn.errors import SameOnEveryRank
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,9 +133,6 @@ def test_rules_that_cannot_be_pipelined_are_refused(capsys):
         with pytest.raises(SameOnEveryRank, match="is neither|drop recompute"):
             rule = expr.build(text)
             check_pipelinable(rule, 16, 2)
-            from localearn.engine.pipeline_mlaan import check_cascaded
-
-            check_cascaded(rule)
     with pytest.raises(SameOnEveryRank, match="needs at least 3 local modules"):
         check_pipelinable(expr.build("dgl"), 2, 3)
     # from the command line: one line, exit 2, before any worker starts
@@ -180,18 +177,17 @@ def test_mlaan_on_three_stages_in_sync_mode_equals_one_process(tmp_path):
 def test_async_mode_needs_k_minus_1_modules_per_stage():
     from localearn.build import build_run
     from localearn.config import FitConfig
-    from localearn.engine.pipeline import Layout
-    from localearn.engine.pipeline_mlaan import MLAANStageStep
+    from localearn.engine.stages import stage_ranges
     from localearn.interfaces import DataInfo
 
     cfg = FitConfig(rule="mlaan(dgl, k=3, p=2)", k=6, device="cpu", output_dir=Path("."))
     run = build_run(cfg, info=DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.5,) * 3))
-    args = (run.rule, run.net, run.aux, run.optimizer, torch.device("cpu"), Layout(3, 1, 0))
     with pytest.raises(SameOnEveryRank, match=r"at least k-1=2 modules .*; stage 0 holds 1"):
-        MLAANStageStep(*args, [1, 4], mode="async")
-    step = MLAANStageStep(*args, [2, 4], mode="async")
+        check_pipelinable(run.rule, 6, 3, starts=[1, 4], mode="async")
+    check_pipelinable(run.rule, 6, 3, starts=[2, 4], mode="async")
     # stage 0 (modules 0, 1) is reached by cascades ending at 2 and 3 (depth 3)
-    assert step.incoming == [2, 3] and step.late == {0, 1}
+    stage0 = stage_ranges([2, 4], 6)[0]
+    assert run.rule.incoming(stage0, 6) == [2, 3] and run.rule.late_modules(stage0, 6) == {0, 1}
 
 
 def test_mlaan_async_mode_trains(tmp_path):

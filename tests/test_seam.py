@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from localearn import registry
-from localearn.build import build_run
+from localearn.build import build_network, build_run
 from localearn.cli import build_parser, main
 from localearn.config import FitConfig, make_config
-from localearn.engine.step import LegacyRuleWarning, TrainStep
+from localearn.engine.step import LegacyRuleWarning, Step
 from localearn.interfaces import (
     AuxHead,
     DataInfo,
@@ -28,7 +28,6 @@ from localearn.interfaces import (
     StepContext,
     StepResult,
 )
-from localearn.network import build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
@@ -159,7 +158,7 @@ def test_old_three_argument_rule_still_trains_with_one_deprecation_warning():
     aux = rule.setup(net, INFO)
     opt = torch.optim.SGD([*net.parameters(), *aux.parameters()], lr=0.05)
     with pytest.warns(LegacyRuleWarning, match="train_step\\(ctx, net, images, targets\\)"):
-        step = TrainStep(rule, net, opt, torch.device("cpu"))
+        step = Step(rule, net, opt, torch.device("cpu"))
     spy = SpyContext()
     step.ctx = spy  # the legacy rule's self.backward / notify_grads_ready go through it
     images, targets = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
@@ -307,8 +306,8 @@ def test_measure_builds_what_fit_builds():
 def test_engine_exports_resolve_lazily():
     code = textwrap.dedent("""
         import localearn.engine as e
-        assert {"Trainer", "TrainStep", "RunState", "fit"} <= set(e.__all__)
-        assert e.TrainStep.__module__ == "localearn.engine.step"
+        assert {"Trainer", "Step", "RunState", "fit"} <= set(e.__all__)
+        assert e.Step.__module__ == "localearn.engine.step"
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from localearn import expr, registry
-from localearn.build import resolve_device
+from localearn.build import build_network, resolve_device
 from localearn.data import DataSplits
 from localearn.engine import checkpoint as ckpt_io
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo
-from localearn.network import SplitNetwork, build_network
+from localearn.network import SplitNetwork
 
 __all__ = ["DataInfo", "DataSplits", "SplitNetwork", "TrainedRun", "load_run", "open_dataset",
            "plain_train_split", "resolve_device", "subset"]

@@ -1,7 +1,7 @@
 """The engine: one step (`step`), the epoch loop (`loop`), the run's position (`state`) and
 checkpoints (`checkpoint`).
 
-Per batch, `TrainStep` runs ``rule.train_step(ctx, ...)`` under autocast (``precision`` bf16
+Per batch, `Step` runs ``rule.train_step(ctx, ...)`` under autocast (``precision`` bf16
 or 16), averages gradients across ranks, checks the losses are finite and takes one optimizer
 step over backbone and auxiliary parameters (through the gradient scaler for fp16), then
 ``rule.after_step``. `Trainer` wires a run built by `localearn.build.build_run` to its data,
@@ -26,7 +26,7 @@ _EXPORTS = {
                      "warmup_cosine"],
                     "loop"),
     "RunState": "state",
-    **dict.fromkeys(["EngineContext", "TrainStep", "autocast"], "step"),
+    **dict.fromkeys(["EngineContext", "Step", "autocast"], "step"),
 }
 __all__ = sorted(_EXPORTS)
 

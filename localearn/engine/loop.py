@@ -1,6 +1,7 @@
 """The epoch loop: a slim `Trainer` that wires a run from `localearn.build.build_run` to its
 data loaders, the learning-rate schedule, evaluation, logs, progress and periodic checkpoints.
-One batch is `localearn.engine.step.TrainStep`'s work; the run's position is a `RunState`.
+One batch is `localearn.engine.step.Step`'s work, under the run's parallel strategy
+(`localearn.engine.parallel`); the run's position is a `RunState`.
 
 Steps are counted from the batches actually delivered. An epoch that delivers no batch is an
 error; one that delivers fewer than planned re-plans the schedule from what was delivered (so
@@ -41,9 +42,10 @@ from localearn.data import make_loader
 from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
 from localearn.engine.checkpoint import WriteFailed, atomic_save, atomic_write_text
+from localearn.engine.parallel import DataEnd, NonFiniteLoss
 from localearn.engine.signals import StopSignals, TrainingInterrupted
 from localearn.engine.state import RunState
-from localearn.engine.step import DataEnd, NonFiniteLoss, autocast
+from localearn.engine.step import autocast
 from localearn.errors import UserError
 from localearn.interfaces import SplitNetwork, UpdateRule
 from localearn.runlog import (
@@ -177,12 +179,10 @@ class Trainer:
         run = build_run(cfg, device=self.device, env=env, rule=self._given_rule)
         self.run = run
         self.rule, self.net, self.aux, self.data = run.rule, run.net, run.aux, run.data
-        self.optimizer, self.stepper, self.reducer = run.optimizer, run.step, run.reducer
+        self.optimizer, self.stepper, self.strategy = run.optimizer, run.step, run.strategy
         self.scaler = run.step.scaler
         # a pipelined run's stages read the same batches: the data is sharded by replica
-        layout = getattr(run.step, "layout", None)
-        self.data_rank, self.data_world = ((layout.replica, layout.replicas) if layout
-                                           else (env.rank, env.world_size))
+        self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
         pin = self.device.type == "cuda"
         if cfg.data_on_device:  # decoded once, kept and augmented on the device
             from localearn.data.on_device import device_loader
@@ -258,7 +258,7 @@ class Trainer:
             yield batch
 
     def _stream(self, epoch: int, skip: int) -> Iterator[Any]:
-        if getattr(self.stepper, "receives_batches", False):
+        if not self.strategy.reads_data:
             # a later pipeline stage: each batch comes with stage 0's activations, so nothing
             # is read here; if stage 0's stream runs out early its step raises `DataEnd`
             images = torch.empty(0, *self.net.input_shape, device=self.device)
@@ -303,9 +303,8 @@ class Trainer:
             try:
                 images, targets = next(batches)
             except StopIteration:
-                if state.batch_in_epoch < self.steps_per_epoch and \
-                        hasattr(self.stepper, "end_of_data"):
-                    self.stepper.end_of_data()  # the later stages stop here too
+                if state.batch_in_epoch < self.steps_per_epoch:
+                    self.strategy.end_of_data()  # later pipelined stages stop here too
                 break
             except Exception:
                 if self._signals.signum is not None:  # loader workers hit by the signal too
@@ -487,9 +486,8 @@ class Trainer:
     def _drain(self, epoch: int) -> int:
         """A pipelined step reads its statistics some steps late: add those not read yet to
         the epoch's sums; the images they count."""
-        drain = getattr(self.stepper, "drain", None)
         try:
-            pending = drain() if drain is not None else None
+            pending = self.stepper.drain()
         except NonFiniteLoss as bad:
             self._diverged(bad.value, epoch)
         if not pending:
@@ -499,12 +497,8 @@ class Trainer:
         return int(pending[2])
 
     def _sync_buffers(self) -> None:
-        if hasattr(self.stepper, "sync"):  # pipelined: every process gets every stage's state
-            self._drain(self.state.epoch)
-            self.stepper.sync()  # (BatchNorm statistics averaged over each stage's replicas)
-        elif self.env.enabled:
-            dist_.average_buffers(self.net, self.env.world_size)
-            dist_.average_buffers(self.aux, self.env.world_size)
+        self._drain(self.state.epoch)
+        self.stepper.sync(self.aux)  # (BatchNorm statistics averaged over replicas)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly, each part's own state (without RNG

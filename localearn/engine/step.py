@@ -1,10 +1,12 @@
-"""One training step: the only place that owns precision, loss scaling, gradient reduction, the
-finiteness check and the optimizer step.
+"""One training step, whatever the parallelism: the only place that zeroes gradients, enters
+autocast, calls the rule's ``train_step``, reduces gradients, reads the statistics, decides
+finiteness, steps the optimizer and calls ``after_step``.
 
-A rule sees none of these: `TrainStep` hands it an `EngineContext` (a `StepContext`) whose
-``backward`` scales the loss when fp16 gradient scaling is on and whose ``grads_ready`` starts
-the all-reduce of a finished module's gradients in a multi-process run. What the rule returns
-stays on the device until the step's statistics are read in one host transfer.
+A rule sees none of these: `Step` hands it an `EngineContext` (a `StepContext`) whose
+``backward`` scales the loss when fp16 gradient scaling is on, whose ``grads_ready`` starts the
+all-reduce of a finished module's gradients in a multi-process run, and whose stage primitives
+go to the parallel strategy (`localearn.engine.parallel`). What the rule returns stays on the
+device until the step's statistics are read in one host transfer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from localearn import distributed as dist_
+from localearn.engine.parallel import DataEnd, NonFiniteLoss, Single
 from localearn.errors import UserError
 from localearn.interfaces import SplitNetwork, StepResult, UpdateRule
+
+__all__ = ["AMP_DTYPES", "DataEnd", "EngineContext", "LegacyRuleWarning", "NonFiniteLoss", "Step",
+           "autocast", "check_step_result", "optimizer_step", "step_stats"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
@@ -39,12 +45,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 class EngineContext:
-    """The engine's `StepContext`: fp16 loss scaling and per-module gradient reduction."""
+    """The engine's `StepContext`: fp16 loss scaling, per-module gradient reduction, and the
+    strategy's transport between pipelined stages (pass-throughs in one process)."""
 
     def __init__(self, scaler: torch.amp.GradScaler | None = None,
-                 reducer: dist_.GradReducer | None = None) -> None:
+                 reducer: dist_.GradReducer | None = None,
+                 strategy: Single | None = None) -> None:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.reducer = reducer
+        self.strategy = strategy or Single()
+        self.stage_mode = self.strategy.stage_mode
 
     def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward(retain_graph=retain_graph)
@@ -59,6 +69,21 @@ class EngineContext:
         if self.reducer is not None:
             self.reducer.announce(params)
 
+    def modules(self, k: int) -> range:
+        return self.strategy.modules(k)
+
+    def enter(self, index: int, x: Tensor) -> Tensor:
+        return self.strategy.enter(index, x)
+
+    def leave(self, index: int, output: Tensor) -> None:
+        self.strategy.leave(index, output)
+
+    def send_back(self, grad: Tensor) -> None:
+        self.strategy.send_back(grad)
+
+    def take_back(self, like: Tensor) -> Tensor:
+        return self.strategy.take_back(like)
+
 
 def is_legacy(rule: UpdateRule) -> bool:
     """True for a rule whose ``train_step`` takes ``(net, images, targets)`` (no context)."""
@@ -68,22 +93,23 @@ def is_legacy(rule: UpdateRule) -> bool:
 
 
 def run_rule(rule: UpdateRule, ctx: EngineContext, net: SplitNetwork, images: Tensor,
-             targets: Tensor, legacy: bool = False) -> StepResult:
+             targets: Tensor, legacy: bool = False) -> object:
     """``rule.train_step`` with the context; a legacy rule gets it lent for its
     ``self.backward`` / ``self.notify_grads_ready`` calls."""
     if not legacy:
-        return check_step_result(rule, rule.train_step(ctx, net, images, targets), targets)
+        return rule.train_step(ctx, net, images, targets)
     rule._legacy_ctx = ctx
     try:
-        result = rule.train_step(net, images, targets)  # type: ignore[call-arg]
+        return rule.train_step(net, images, targets)  # type: ignore[call-arg]
     finally:
         rule._legacy_ctx = None
-    return check_step_result(rule, result, targets)
 
 
-def check_step_result(rule: UpdateRule, result: object, targets: Tensor) -> StepResult:
-    """``result`` when it is a `StepResult` whose logits are one row per image; else a
-    one-line `UserError` naming the rule and what ``train_step`` must return."""
+def check_step_result(rule: UpdateRule, result: object, targets: Tensor,
+                      holds_last: bool = True) -> StepResult:
+    """``result`` when it is a `StepResult` whose logits are one row per image (None on a
+    pipelined stage without the last module); else a one-line `UserError` naming the rule and
+    what ``train_step`` must return."""
     from localearn.registry import plugin_name
 
     who = f"rule {rule.expression!r} ({plugin_name(rule)})"
@@ -93,6 +119,8 @@ def check_step_result(rule: UpdateRule, result: object, targets: Tensor) -> Step
         raise UserError(f"{who}: train_step returned {type(result).__name__}, expected a "
                         f"{want}")
     logits = result.logits
+    if logits is None and not holds_last:
+        return result
     if not isinstance(logits, Tensor) or logits.dim() != 2 or len(logits) != len(targets):
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise UserError(f"{who}: train_step's StepResult.logits is {got}, expected the final "
@@ -100,17 +128,31 @@ def check_step_result(rule: UpdateRule, result: object, targets: Tensor) -> Step
     return result
 
 
-def step_stats(result: StepResult, targets: Tensor) -> Tensor:
-    """``[loss*n, correct, n, *local*n, non-finite count]`` as one float64 device tensor
-    (``loss`` and each local loss may be tensors or, from an old rule, numbers)."""
+def step_stats(result: StepResult, targets: Tensor, offset: int = 0, slots: int | None = None,
+               stop: bool = False) -> Tensor:
+    """``[loss*n, correct, n, local_0*n .. local_{slots-1}*n, non-finite count, stop]`` as one
+    float64 device tensor: the rule's local losses (tensors or, from an old rule, numbers)
+    from slot ``offset`` on, the first three zero when the step has no final loss (a pipelined
+    stage without the last module)."""
     device = targets.device
     n = float(len(targets))
-    losses = torch.stack([torch.as_tensor(v, device=device).detach().double().reshape(())
-                          for v in (result.loss, *result.local_losses)])
-    correct = (result.logits.argmax(1) == targets).sum().double()
-    bad = (~torch.isfinite(losses)).sum().double()
-    return torch.cat([losses[:1] * n, correct.view(1), losses.new_tensor([n]),
-                      losses[1:] * n, bad.view(1)])
+    local = [torch.as_tensor(v, device=device).detach().double().reshape(())
+             for v in result.local_losses]
+    slots = len(local) if slots is None else slots
+    v = torch.zeros(3 + slots + 2, dtype=torch.float64, device=device)
+    values = local
+    if result.logits is not None and result.loss is not None:
+        loss = torch.as_tensor(result.loss, device=device).detach().double().reshape(())
+        v[0] = loss * n
+        v[1] = (result.logits.argmax(1) == targets).sum().double()
+        v[2] = n
+        values = [loss, *local]
+    if local:
+        v[3 + offset:3 + offset + len(local)] = torch.stack(local) * n
+    if values:
+        v[-2] = (~torch.isfinite(torch.stack(values))).sum().double()
+    v[-1] = float(stop)
+    return v
 
 
 def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
@@ -122,38 +164,24 @@ def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimize
         optimizer.step()
 
 
-class DataEnd(Exception):
-    """Raised by a later pipeline stage's step when the first stage's stream ended before the
-    epoch's planned batches: the epoch ends there too."""
-
-
-class NonFiniteLoss(Exception):
-    """A loss of this step was NaN or infinite (the step was not applied)."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(value)
-        self.value = value
-
-
-class TrainStep:
-    """Runs one batch: zero the gradients, the rule's forward and backward passes under
-    autocast, the gradient all-reduce, one host read of the statistics (summed over ranks),
-    the finiteness verdict, the optimizer step (through the scaler for fp16) and the rule's
-    ``after_step``."""
+class Step:
+    """Runs one batch, whatever the parallelism: the strategy's batch (a later pipelined stage
+    receives it), zero the gradients, the rule's ``train_step`` under autocast, the gradient
+    reduction, the statistics with the stop vote, the finiteness verdict, the optimizer step
+    (through the scaler for fp16), what the strategy does after it, and ``after_step``."""
 
     def __init__(self, rule: UpdateRule, net: SplitNetwork, optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str = "32",
-                 reducer: dist_.GradReducer | None = None,
-                 env: dist_.DistEnv | None = None) -> None:
+                 strategy: Single | None = None) -> None:
         self.rule, self.net, self.optimizer = rule, net, optimizer
         self.device, self.precision = device, precision
-        self.reducer, self.env = reducer, env or dist_.DistEnv()
+        self.strategy = strategy or Single()
+        self.reducer = self.strategy.reducer
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
-        self.ctx = EngineContext(self.scaler, reducer)
-        # a stop asked for on any rank (SIGINT, SIGTERM) travels with the step's statistics,
-        # so every rank stops after the same step
+        self.ctx = EngineContext(self.scaler, self.reducer, self.strategy)
+        # a stop asked for on any process (SIGINT, SIGTERM) travels with the step's
+        # statistics, so every process stops after the same step
         self.stop_vote = False
-        self.stop_requested = False
         self.legacy = is_legacy(rule)
         if self.legacy:
             warnings.warn(f"{type(rule).__name__}.train_step(net, images, targets) is "
@@ -161,10 +189,18 @@ class TrainStep:
                           "ctx.backward / ctx.grads_ready (see docs/plugins.md)",
                           LegacyRuleWarning, stacklevel=3)
 
+    @property
+    def stop_requested(self) -> bool:
+        """True on every process once any process voted to stop (see ``stop_vote``)."""
+        return self.strategy.stop_requested
+
     def __call__(self, images: Tensor, targets: Tensor) -> list[float]:
-        """Train on one batch; the global ``[loss*n, correct, n, *local*n]``. Raises
-        `NonFiniteLoss` (on every rank) before the optimizer step if a loss is not finite.
-        Afterwards ``stop_requested`` is True on every rank if any rank set ``stop_vote``."""
+        """Train on one batch; the global ``[loss*n, correct, n, *local*n]`` (of an earlier
+        step on pipelined stages). Raises `NonFiniteLoss` before the optimizer step if a loss
+        is not finite (on stages, a stage skips its step and all raise some steps later);
+        `DataEnd` when a later stage learns the epoch's stream ended."""
+        strategy = self.strategy
+        images, targets = strategy.begin(images, targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.reducer is not None:
             self.reducer.start()
@@ -178,18 +214,36 @@ class TrainStep:
                             "layers (they need at least 2 values per channel); use "
                             "--batch-size 2 or more, with at least 2 training images per "
                             "process") from None
+        check_step_result(self.rule, result, targets, strategy.holds_last(self.net.k))
         if self.reducer is not None:
             self.reducer.finish()
-        stats = step_stats(result, targets)
-        stats = torch.cat([stats, stats.new_tensor([float(self.stop_vote)])])
-        if self.env.enabled:
-            torch.distributed.all_reduce(stats)
-        totals = stats.tolist()  # the step's one host synchronisation
-        self.stop_requested = totals.pop() > 0
-        if totals[-1]:
-            local = [result.loss, *result.local_losses]
-            values = [float(v) for v in local if not torch.isfinite(torch.as_tensor(v))]
-            raise NonFiniteLoss(values[0] if values else float("nan"))
-        optimizer_step(self.scaler, self.optimizer)
-        self.rule.after_step()
-        return totals[:-1]
+        offset, slots = strategy.local_slots(self.net.k, len(result.local_losses))
+        stats = step_stats(result, targets, offset, slots, self.stop_vote)
+        try:
+            may_step = strategy.verdict(stats)
+        except NonFiniteLoss:
+            raise NonFiniteLoss(first_nonfinite_loss(result)) from None
+        if may_step:
+            optimizer_step(self.scaler, self.optimizer)
+        strategy.after_optimizer()
+        if may_step:
+            self.rule.after_step()
+        return strategy.finish(stats)
+
+    def drain(self) -> list[float] | None:
+        """Before evaluation, checkpoints and the end of an epoch: what the rule left in flight
+        (`UpdateRule.flush`), then the statistics not reported yet (None: none)."""
+        self.rule.flush(self.ctx)
+        return self.strategy.drain()
+
+    def sync(self, aux: nn.Module) -> None:
+        """Every process's copy of the run made current (after `drain`)."""
+        self.strategy.sync(self.net, aux)
+
+
+def first_nonfinite_loss(result: StepResult) -> float:
+    """The first loss of ``result`` that is NaN or infinite (NaN when all are finite: the
+    verdict came from another process or an earlier step)."""
+    values = [float(v) for v in [result.loss, *result.local_losses]
+              if v is not None and not torch.isfinite(torch.as_tensor(v))]
+    return values[0] if values else float("nan")

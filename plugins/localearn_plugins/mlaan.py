@@ -61,95 +61,12 @@ from localearn.interfaces import (
     StepResult,
     UpdateRule,
 )
-
-
-def leap_blocks(unit_shapes: list[tuple[int, ...]], last_unit: int, p: int) -> list[int]:
-    """Units a LAM after ``last_unit`` copies: every later shape-changing unit (the first block
-    of each later stage, which a chain cannot skip), the final unit, and evenly spaced later
-    units up to ``p`` in all. If p is below the number of stage changes ahead, the first p of
-    them are kept (the chain must change width in order)."""
-    later = list(range(last_unit + 1, len(unit_shapes)))
-    if p <= 0 or not later:
-        return []
-    changes = [u for u in later if unit_shapes[u] != unit_shapes[u - 1]]
-    if len(changes) >= p:
-        return changes[:p]
-    chosen = set(changes) | {later[-1]}
-    rest = [u for u in later if u not in chosen]
-    spare = min(p - len(chosen), len(rest))
-    for j in range(spare):  # evenly spaced among the remaining later units
-        chosen.add(rest[round((j + 1) * (len(rest) + 1) / (spare + 1)) - 1])
-    return sorted(chosen)
-
-
-def _rows(*groups: tuple[range | int, list[int]]) -> dict[int, list[int]]:
-    table: dict[int, list[int]] = {}
-    for modules, units in groups:
-        for m in ([modules] if isinstance(modules, int) else modules):
-            table[m] = list(units)
-    return table
-
-
-_R32_A, _R32_B, _R32_C = [6, 11, 13, 15], [6, 11, 14, 15], [11, 13, 14, 15]
-_R110_A, _R110_B, _R110_C = [19, 37, 39, 54], [37, 39, 40, 54], [37, 40, 41, 54]
-
-#: The public MLAAN code's CIFAR leap tables (``configAuxPlus_new.py``), converted to localearn's
-#: indices: module m as split by ``--split public`` (`PUBLIC_SPLITS`; unit 0 is the stem, block
-#: ``[stage, b]`` is unit n*(stage-1)+b+1 with n = 5 or 18). The code's ResNet-32 "K=15" and
-#: ResNet-110 "K=54" are K=16 and K=55 here (the stem its own module, which has no entry). Every
-#: copied block lies after its module. Rows the public code builds but never runs (its module 0)
-#: are kept: they serve modules that end a cascade here (``short_cascades=true``, or k=1).
-PUBLIC_LEAPS: dict[tuple[str, int], dict[int, list[int]]] = {
-    ("resnet32", 8): _rows((range(0, 2), _R32_A), (2, _R32_B), (range(3, 5), _R32_C),
-                           (5, [13, 14, 15]), (6, [14, 15])),
-    ("resnet32", 16): _rows((range(1, 3), _R32_A), (3, _R32_B), (4, _R32_A), (5, _R32_B),
-                            (range(6, 11), _R32_C), (11, [12, 13, 15]), (12, [13, 14, 15]),
-                            (13, [14, 15]), (14, [15])),
-    ("resnet110", 32): _rows((range(0, 11), _R110_A), (range(11, 21), _R110_B), (21, _R110_C),
-                             (range(22, 26), [45, 54]), (range(26, 28), [51, 54]),
-                             (28, [52, 54]), (29, [53, 54]), (30, [54])),
-    ("resnet110", 55): _rows((range(1, 19), _R110_A), (range(19, 36), _R110_B), (36, _R110_C),
-                             (range(37, 44), [45, 54]), (range(44, 48), [51, 54]),
-                             (range(48, 50), [52, 54]), (range(50, 53), [53, 54]),
-                             (53, [54])),
-}
-
-
-def public_leaps(net: SplitNetwork) -> dict[int, list[int]]:
-    """`PUBLIC_LEAPS` for ``net``: CIFAR ResNet-32 at K=8 or 16 and ResNet-110 at K=32 or 55,
-    split as the public code splits them. Anything else is a `UserError` naming these. The
-    public ImageNet tables are refused on purpose: they name one representative block per
-    stage, often the module's own or an earlier one, as a shape template for freshly random
-    blocks; a leap-augmented module here copies real later blocks, weights included, and
-    tracks the same blocks with its EMA twins, so those tables have no meaning here."""
-    supported = ", ".join(f"{m} K={k}" for m, k in PUBLIC_LEAPS)
-    key = (net.model_name, net.k)
-    if key not in PUBLIC_LEAPS:
-        raise UserError(f"leaps=public: the public code has no leap table for model "
-                        f"{net.model_name or '(unnamed)'!r} at K={net.k}; it has {supported} "
-                        "(CIFAR only: its ImageNet tables are shape templates, see "
-                        "docs/mlaan.md)")
-    from localearn.models.cifar_resnet import PUBLIC_SPLITS
-
-    if list(net.cuts) != list(PUBLIC_SPLITS[len(net.units)][net.k]):
-        raise UserError(f"leaps=public for {net.model_name} K={net.k} is defined on the public "
-                        f"code's split; split the network with --split public (it was split "
-                        f"{net.split!r})")
-    return {m: list(units) for m, units in PUBLIC_LEAPS[key].items()}
-
-
-def parse_leaps(text: str) -> dict[int, list[int]]:
-    """An explicit leap table, ``"2:6,11,13,15; 3:6,11,15"`` (module: unit indices); whether
-    its modules and units fit the network is checked by `MLAAN.setup`."""
-    table: dict[int, list[int]] = {}
-    try:
-        for entry in filter(None, (e.strip() for e in text.split(";"))):
-            module, units = entry.split(":")
-            table[int(module)] = [int(u) for u in units.split(",") if u.strip()]
-    except ValueError:
-        raise ValueError(f"leaps must read like '2:6,11,15; 3:6,11' or be public (got "
-                         f"{text!r})") from None
-    return table
+from localearn_plugins.mlaan_leaps import (  # noqa: F401  (re-exported)
+    PUBLIC_LEAPS,
+    leap_blocks,
+    parse_leaps,
+    public_leaps,
+)
 
 
 def _leap(block: nn.Module, twin: nn.Module | None, z: Tensor) -> Tensor:
@@ -322,25 +239,37 @@ class MLAAN(UpdateRule):
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:
         K = net.k
+        mine = ctx.modules(K)  # all K in one process; a pipelined stage's own range
         self._ctx = ctx
         self.trace = []
-        ins: list[Tensor | None] = []  # detached input of each module (a leaf)
-        outs: list[Tensor | None] = []  # output of each module, its graph kept while needed
+        ins: list[Tensor | None] = [None] * K  # detached input of each module (a leaf)
+        outs: list[Tensor | None] = [None] * K  # each module's output, graph kept while needed
         pending: list[Tensor | None] = [None] * K  # independent-loss gradient at each output
         local: list[Tensor] = []
         self._rng: dict[int, tuple] = {}
         self._acc: list[Tensor | None] = [None] * K  # summed output gradients (`_route_lean`)
-        x = images
-        for i, module in enumerate(net.local_modules):
-            a = x.detach().requires_grad_(i > 0)
+        # async stages: modules the next stage's cascades reach a step late run on copies of
+        # their parameters, so that their graph outlives this step's update
+        late = self.late_modules(mine, K) if ctx.stage_mode == "async" else set()
+        self._param_map: dict[int, list[Tensor]] = {}
+        x, final, o = images, None, None
+        for i in mine:
+            module = net.local_modules[i]
+            a = ctx.enter(i, x).detach().requires_grad_(i > 0)
             if self.recompute:  # no graph now: each backward through module i rebuilds it
                 self._rng[i] = _rng_state(a.device)  # so dropout draws the same masks again
                 with torch.no_grad():
                     o = module(a)
+            elif i in late:
+                names, params = zip(*module.named_parameters())
+                copies = [q.detach().clone().requires_grad_(q.requires_grad) for q in params]
+                o = torch.func.functional_call(module, dict(zip(names, copies)), (a,),
+                                               strict=False)
+                self._param_map[i] = copies
             else:
                 o = module(a)
-            ins.append(a)
-            outs.append(None if self.recompute else o)
+            ins[i], outs[i] = a, None if self.recompute else o
+            ctx.leave(i, o)  # on to the next stage, before any backward through module i
             leaf = o.detach().requires_grad_()
             if i < K - 1:
                 indep = leaf.new_zeros(())  # stays 0 without independent heads (MAN)
@@ -364,21 +293,115 @@ class MLAAN(UpdateRule):
                 ctx.grads_ready([*own, *self.cascade_heads[c].parameters(),
                                  *self.lam_parameters(c)])
                 local.append((self.wx * indep + self.wy * cascade).detach())
-                self._route(net, f"cascade {i}", i, grad, ins, outs, pending)
+                self._route(net, f"cascade {i}", i, grad, ins, outs, pending, mine.start)
             else:
                 final = nn.functional.cross_entropy(leaf, targets)
                 grad = self._head_grad("final", final, leaf)
-                self._route(net, "final", i, grad, ins, outs, pending)
+                self._route(net, "final", i, grad, ins, outs, pending, mine.start)
             x = o.detach()  # module i's graph lives in outs[i] only, freed there
-        self._ctx = None
-        return StepResult(loss=final.detach(), logits=o.detach(), local_losses=local)
+        self._from_next_stage(net, mine, (ins, outs, pending, self._acc, o, self._param_map))
+        self._ctx, self._param_map = None, {}
+        last = mine.stop == K
+        return StepResult(loss=final.detach() if last else None,
+                          logits=o.detach() if last else None, local_losses=local)
+
+    # -- pipelined stages -----------------------------------------------------------------
+    def incoming(self, modules: range, num_modules: int) -> list[int]:
+        """The cascades (by the module that ends them; K-1: the final loss) that end after
+        ``modules`` but reach into them: their gradients come back from the next stage."""
+        k, b = self.k, modules.stop
+        if b >= num_modules:
+            return []
+        return [e for e in [*self.cascades, num_modules - 1] if e >= b and e - k + 1 < b]
+
+    def late_modules(self, modules: range, num_modules: int) -> set[int]:
+        """The modules of ``modules`` that the next stage's cascades reach (in async mode,
+        a step late)."""
+        return {j for e in self.incoming(modules, num_modules)
+                for j in range(max(modules.start, e - self.k + 1), modules.stop)}
+
+    def _from_next_stage(self, net: SplitNetwork, mine: range, state: tuple) -> None:
+        """Route the next stage's cascades that reach back into this one, in order: this
+        step's (sync), or the previous step's through its kept graphs (async)."""
+        incoming = self.incoming(mine, net.k)
+        if not incoming:
+            return
+        if self._ctx.stage_mode == "sync":
+            return self._route_incoming(net, mine, incoming, state)
+        previous, self._late = getattr(self, "_late", None), state
+        if previous is not None:
+            now = self._acc, self._param_map
+            self._route_incoming(net, mine, incoming, previous)
+            self._acc, self._param_map = now
+
+    def _route_incoming(self, net: SplitNetwork, mine: range, incoming: list[int],
+                        state: tuple) -> None:
+        ins, outs, pending, self._acc, like, self._param_map = state
+        for e in incoming:
+            grad = self._ctx.take_back(like)
+            name = "final" if e == net.k - 1 else f"cascade {e}"
+            back = self._route_lean(net, name, e, grad, ins, outs, pending,
+                                    bottom=mine.start, top=mine.stop - 1)
+            if back is not None:
+                self._ctx.send_back(back)
+
+    def flush(self, ctx: StepContext) -> None:
+        """Async: the gradients the next stage sent for the last step are taken and dropped,
+        so that every stage is at the same point."""
+        previous, self._late = getattr(self, "_late", None), None
+        if previous is not None:
+            for _ in self.incoming(ctx.modules(len(previous[0])), len(previous[0])):
+                ctx.take_back(previous[4])
+
+    def stage_check(self, ranges: list[range], mode: str, precision: str) -> str | None:
+        if self.recompute or not self.fuse:
+            return (f"{self.expression} trains on stages with its default step: drop "
+                    "recompute=true and fuse=false")
+        if precision == "16":
+            return (f"{self.expression} trains on stages in precision 32 or bf16 (fp16's "
+                    "gradient scaler is not carried across stages)")
+        if mode == "async":
+            for s, r in enumerate(ranges[:-1]):
+                if len(r) < self.k - 1:
+                    return (f"--stage-mode async needs every stage but the last to hold at "
+                            f"least k-1={self.k - 1} modules (so a cascade crosses one "
+                            f"boundary at most); stage {s} holds {len(r)}: change "
+                            "--stage-cuts or use sync mode")
+        return None
+
+    def _twins_of(self, i: int) -> list[int]:
+        c = self._position.get(i)
+        if c is None:
+            return []
+        return [b for j, b in enumerate(self.blocks[c])
+                if (j == 0 or self.ema_blocks == "all") and str(b) in self.twins]
+
+    def units_read(self, modules: range) -> list[int]:
+        """The real blocks behind the EMA twins these modules' LAMs read."""
+        return sorted({b for i in modules for b in self._twins_of(i)})
+
+    def stage_parts(self, modules: range) -> list[nn.Module | nn.Parameter]:
+        out: list[nn.Module | nn.Parameter] = []
+        for i in modules:
+            if self.independent and i < len(self.heads):
+                out.append(self.heads[i])
+            c = self._position.get(i)
+            if c is not None:
+                out += [self.cascade_heads[c], self.copies[c]]
+                copied = {id(p) for p in self.copies[c].parameters()}
+                out += [p for p in self.lam_parameters(c) if id(p) not in copied]
+        return out + [self.twins[str(b)] for b in self.units_read(modules)]
 
     def _route(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
-               outs: list, pending: list) -> None:
+               outs: list, pending: list, bottom: int = 0) -> None:
         """Send cascade i's gradient at module i's output back through modules
-        max(0, i-k+1)..i, freeing each module's graph at its last use."""
+        max(0, i-k+1)..i, freeing each module's graph at its last use (on a pipelined stage,
+        down to its first module ``bottom``; what goes on below is sent back)."""
         if self.fuse and not self.recompute:
-            return self._route_lean(net, name, i, grad, ins, outs, pending)
+            back = self._route_lean(net, name, i, grad, ins, outs, pending, bottom=bottom)
+            if back is not None:
+                self._ctx.send_back(back)
+            return
         K, start = net.k, max(0, i - self.k + 1)
         for j in range(i, start - 1, -1):
             last = i == min(j + self.k - 1, K - 1)
@@ -423,9 +446,9 @@ class MLAAN(UpdateRule):
                     acc[j] = acc[j] + pending[j]
                     pending[j] = None
                 real = list(net.local_modules[j].parameters())
-                # a pipelined stage may run module j on copies of its parameters (so that the
+                # an async stage may run module j on copies of its parameters (so that the
                 # graph outlives an optimizer step): their gradients go to the parameters
-                used = getattr(self, "_param_map", {}).pop(j, None) or real
+                used = self._param_map.pop(j, None) or real
                 self._ctx.backward_from(outs[j], acc[j], inputs=used)
                 if used is not real:
                     for q, c in zip(real, used):
