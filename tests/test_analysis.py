@@ -1,4 +1,4 @@
-"""Analyses (issue 13): CKA, linear probes, class mapping, transfer, the analyze commands.
+"""Analyses: CKA, linear probes, class mapping, transfer, the analyze commands.
 
 Trained once for the module and shared: two tiny runs on the embedded digits set (DGL K=4
 and BP, one epoch on 128 images each, a few seconds in all) for the commands; one small but

@@ -1,4 +1,4 @@
-"""The Python API (issue 17, item 1): a rule written in the caller's own code (no package, no
+"""The Python API: a rule written in the caller's own code (no package, no
 entry point) trained in-process through `localearn.fit`, alone and under MLAAN; session
 registration; console output through the ``localearn`` logger."""
 

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 16): run folders, export targets, short and empty
+"""Nothing lost, nothing silently wrong: run folders, export targets, short and empty
 epochs, divergence, exact resume on streamed shards, one-line errors, SIGTERM, pipe: URLs."""
 
 from __future__ import annotations

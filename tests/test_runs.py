@@ -1,4 +1,4 @@
-"""Run folders, run summaries and exports (issue 17, items 2-4): a plain `fit` gets a new
+"""Run folders, run summaries and exports: a plain `fit` gets a new
 folder and never touches an earlier run's; an unfinished run says how to resume it; the
 summary agrees with ``metrics.jsonl``; an exported file loads into the plain backbone and
 classifies as the trained network does."""
@@ -148,7 +148,7 @@ def test_summary_agrees_with_metrics(first):
     assert s["config"]["output_dir"] == str(result.run_dir)
     assert s["versions"]["torch"] == torch.__version__
     assert s["versions"]["localearn"] == localearn.__version__
-    assert s["git"] is None and s["command"] is None  # not in a repository; not a command
+    assert s["git"] == git_commit() and s["command"] is None  # localearn's own checkout
 
 
 def test_git_commit_of_the_project(tmp_path):
