@@ -11,6 +11,7 @@ A rule may be given as an expression (``"mlaan(dgl, k=3)"``), a rule class defin
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,124 @@ def register_dataset(name: str, factory: Callable[..., Any]) -> None:
     registry.register("dataset", name, factory)
 
 
-def describe_rule(rule: UpdateRule) -> str:
-    """A rule object's expression: the one it was built from, else its class name with its
-    base's (``MLAAN(MyRule())`` reads ``mlaan(myrule)``)."""
+#: settings a resumed run does not take from its checkpoint: where it writes (the checkpoint's
+#: own folder unless an output folder is given), whether it may replace a run, whether its data
+#: may run shell commands (a checkpoint from elsewhere must not switch that on)
+NOT_RESUMED = ("output_dir", "overwrite", "allow_pipe", "resume", "seeds")
+
+
+def resumed_settings(resume: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a resumed run: those stored in the checkpoint ``resume`` names, then
+    ``given`` (flags, keywords) over them. ``fit --resume`` and ``fit(resume=...)`` both start
+    here."""
+    from localearn.engine import checkpoint
+
+    path, previous = checkpoint.resolve(str(resume), given.get("output_dir"))
+    saved = {k: v for k, v in checkpoint.saved_config(path, previous).items()
+             if k not in NOT_RESUMED and k in FitConfig.model_fields}
+    return {**saved, **given}
+
+
+def refuse_finished(cfg: FitConfig) -> None:
+    """A one-line `UserError` when ``cfg`` resumes a finished run (its folder holds
+    ``summary.json`` and a final ``checkpoint.pt`` with every epoch of ``cfg`` done): resuming
+    it would only rewrite its summary."""
+    from localearn.engine import checkpoint
+
+    if not cfg.resume:
+        return
+    path, previous = checkpoint.resolve(str(cfg.resume), cfg.output_dir)
+    run = checkpoint.run_dir_of(path)
+    if path.name != "checkpoint.pt" or not (run / "summary.json").is_file():
+        return
+    state = checkpoint.read(path, previous)
+    done = int(state["epoch"]) if state.get("epoch_done") else int(state["epoch"]) - 1
+    if done >= cfg.epochs:
+        raise UserError(f"run {run} is finished ({plural(done, 'epoch')} of {cfg.epochs} "
+                        f"done); nothing to resume (more epochs: --epochs {done + 1} or more)")
+
+
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``3 epochs``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _registered_name(cls: type) -> str | None:
+    """The name ``cls`` is registered under (this session's registrations first, then entry
+    points, matched by their target without importing them)."""
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for name, entry in registry.available("rule").items():
+        obj = getattr(entry, "obj", None)
+        if obj is cls or (obj is None and getattr(entry, "value", None) == target):
+            return name
+    return None
+
+
+def _option_text(value: Any) -> str | None:
+    """An option value as an expression writes it; None for a value it cannot hold."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return value if value.isidentifier() and value.lower() not in (
+            "true", "false", "none") else repr(value)
+    return None
+
+
+def rule_expression(rule: UpdateRule) -> tuple[str, list[str]]:
+    """An expression that rebuilds ``rule`` and what keeps it from doing so exactly (empty
+    when it does): its registered name, each nested rule, every option whose stored attribute
+    differs from its ``__init__`` default. ``MLAAN(Probe(), k=2)`` with ``probe`` registered
+    reads ``mlaan(probe, k=2)``."""
     given = getattr(rule, "_expression", None)
     if given:
-        return given
-    name = type(rule).__name__.lower()
-    base = getattr(rule, "base", None)
-    return f"{name}({describe_rule(base)})" if isinstance(base, UpdateRule) else name
+        return given, []
+    cls = type(rule)
+    problems: list[str] = []
+    name = _registered_name(cls)
+    if name is None:
+        name = cls.__name__.lower()
+        problems.append(f"class {cls.__qualname__} is not registered (localearn.register_rule)")
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    parts: list[str] = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(rule, p.name):
+            problems.append(f"{name}'s option {p.name!r} is not stored as an attribute")
+            continue
+        value = getattr(rule, p.name)
+        if isinstance(value, UpdateRule):
+            text, inner = rule_expression(value)
+            parts.append(text if p.default is p.empty else f"{p.name}={text}")
+            problems.extend(inner)
+            continue
+        try:
+            same = p.default is not p.empty and bool(value == p.default)
+        except Exception:
+            same = False
+        if same:
+            continue
+        shown = _option_text(value)
+        if shown is None:
+            problems.append(f"{name}'s option {p.name}={value!r:.40} has no expression form")
+            continue
+        parts.append(f"{p.name}={shown}")
+    return (f"{name}({', '.join(parts)})" if parts else name), problems
 
 
-def _rule_object(rule: UpdateRule | type[UpdateRule]) -> UpdateRule:
+def describe_rule(rule: UpdateRule) -> str:
+    """A rule object's expression (see `rule_expression`)."""
+    return rule_expression(rule)[0]
+
+
+def _rule_object(rule: UpdateRule | type[UpdateRule]) -> tuple[UpdateRule, str | None]:
+    """The rule object to train and, when its expression cannot rebuild it exactly, a line
+    saying why."""
     if isinstance(rule, type) and issubclass(rule, UpdateRule):
         try:
             rule = rule()
@@ -68,8 +175,13 @@ def _rule_object(rule: UpdateRule | type[UpdateRule]) -> UpdateRule:
     if not isinstance(rule, UpdateRule):
         raise UserError(f"rule must be an expression, a localearn.UpdateRule subclass or an "
                         f"object of one, not {type(rule).__name__} {rule!r:.60}")
-    rule.expression = describe_rule(rule)
-    return rule
+    text, problems = rule_expression(rule)
+    rule.expression = text
+    note = None
+    if problems:
+        note = (f"rule recorded as {text!r}, which does not rebuild it exactly: "
+                f"{'; '.join(problems)}")
+    return rule, note
 
 
 def fit(config: FitConfig | dict[str, Any] | str | Path | None = None, *,
@@ -101,28 +213,56 @@ def fit(config: FitConfig | dict[str, Any] | str | Path | None = None, *,
         raise UserError(f"config must be a FitConfig, a dict or a file path, not "
                         f"{type(config).__name__}")
     made: UpdateRule | None = None
+    note = None
     if isinstance(rule, str):
         settings["rule"] = rule
     elif rule is not None:
-        made = _rule_object(rule)
+        made, note = _rule_object(rule)
         settings["rule"] = made.expression
-    cfg = make_config(file, **{**base, **settings})
+    given = {k: v for k, v in {**base, **settings}.items() if v is not None}
+    if given.get("resume") and file is None:
+        # as fit --resume: the checkpoint's settings, the ones given now over them
+        given = resumed_settings(given["resume"], given)
+    cfg = make_config(file, **given)
+    refuse_finished(cfg)
+    if note:
+        from localearn.runlog import LOGGER, console_logging
+
+        console_logging()
+        LOGGER.warning(note)
     if cfg.seeds:
         proto = made
         return fit_repeats(cfg, make_rule=None if proto is None else
                            (lambda: copy.deepcopy(proto)))
-    return engine_fit(cfg, rule=made)
+    result = engine_fit(cfg, rule=made)
+    if note:
+        _note_in_summary(result, note)
+    return result
+
+
+def _note_in_summary(result: Any, note: str) -> None:
+    """Record in the run's summary that its rule expression does not rebuild it exactly."""
+    import json
+
+    from localearn import distributed
+    from localearn.engine.checkpoint import atomic_write_text
+
+    result.summary["rule_exact"] = False
+    result.summary["rule_note"] = note
+    path = Path(result.run_dir) / "summary.json"
+    if distributed.current_env().is_main and path.is_file():
+        atomic_write_text(path, json.dumps(result.summary, indent=2))
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The plain backbone of an exported file (``localearn export``), weights loaded, in eval
     mode, and the file's metadata decoded: ``model``, ``num_classes``, ``input_shape``,
     ``mean``, ``std``, ``dataset``, ``class_names`` (see
-    `localearn.engine.checkpoint.export_metadata`)."""
+    `localearn.export.export_metadata`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from localearn.engine.checkpoint import read_export_metadata
+    from localearn.export import read_export_metadata
 
     path = Path(path)
     if not path.is_file():

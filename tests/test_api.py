@@ -4,6 +4,7 @@ registration; console output through the ``localearn`` logger."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -103,7 +104,13 @@ def test_composed_rule_object_trains_under_mlaan(session, captured, tmp_path):
     rule = MLAAN(NotebookProbe(), k=2)
     result = localearn.fit(rule=rule, k=4, output_dir=tmp_path / "run", **BUDGET)
     _learned(result)
-    assert result.rule is rule and rule.expression == "mlaan(notebookprobe)"
+    # recorded with its options; the unregistered base said so, in one line and the summary
+    assert result.rule is rule and rule.expression == "mlaan(notebookprobe, k=2)"
+    assert result.summary["rule"] == "mlaan(notebookprobe, k=2)"
+    notes = [r.getMessage() for r in captured if r.levelno == logging.WARNING]
+    assert len(notes) == 1 and "NotebookProbe is not registered" in notes[0], notes
+    saved = json.loads((result.run_dir / "summary.json").read_text())
+    assert saved["rule_exact"] is False and "register_rule" in saved["rule_note"]
     # MLAAN made its heads with the caller's factory, and its copies and twins
     assert any(isinstance(m, LinearProbeHead) for m in result.aux["heads"].modules())
     roles = result.summary["parameters"]
@@ -150,3 +157,57 @@ def test_console_logging_leaves_a_callers_setup_alone(monkeypatch):
     monkeypatch.setattr(logging.getLogger(), "handlers", [mine])
     console_logging()
     assert LOGGER.handlers == []  # records go to the caller's root handler
+
+
+class Stores(localearn.LocalRule):
+    """A rule that keeps one option and drops another."""
+
+    def __init__(self, width: float = 1.0, depth: int = 2) -> None:
+        self.width = width
+
+    def make_head(self, index, num_modules, shape, info):
+        return LinearProbeHead(shape, info)
+
+
+def test_rule_objects_are_recorded_with_their_options(session):
+    from localearn_plugins.dgl import DGL
+
+    from localearn.api import rule_expression
+
+    localearn.register_rule("probe", NotebookProbe)
+    # MLAAN keeps its options as attributes but for leaps (parsed into a table): said
+    text, problems = rule_expression(MLAAN(NotebookProbe(), k=2))
+    assert text == "mlaan(probe, k=2)"
+    assert "mlaan's option 'leaps' is not stored as an attribute" in problems
+    assert all(p.startswith("mlaan's option") for p in problems)
+    text, problems = rule_expression(MLAAN(DGL(width=2.0, max_width=64), k=1, fuse=False))
+    assert all(p.startswith("mlaan's option") for p in problems)
+    assert text == "mlaan(dgl(width=2.0, max_width=64), k=1, fuse=false)"
+    from localearn import expr
+
+    rebuilt = expr.build(text)  # the expression rebuilds the object
+    assert (rebuilt.k, rebuilt.fuse, rebuilt.base.width) == (1, False, 2.0)
+    assert rule_expression(MLAAN(NotebookProbe()))[0] == "mlaan(probe)"
+    assert rule_expression(DGL(width=2.0)) == ("dgl(width=2.0)", [])
+    # what cannot be rebuilt is said, not hidden
+    text, problems = rule_expression(Stores(width=2.0, depth=5))
+    assert text == "stores(width=2.0)"
+    assert any("not registered" in p for p in problems)
+    assert any("'depth' is not stored" in p for p in problems)
+
+
+def test_resume_takes_the_stored_settings(session, captured, tmp_path):
+    run = tmp_path / "run"
+    first = localearn.fit(rule="dgl", k=2, output_dir=run, **{**BUDGET, "epochs": 1,
+                                                               "train_limit": 96})
+    assert first.summary["config"]["train_limit"] == 96
+    # finished: resuming it again is refused in one line, its summary left alone
+    before = (run / "summary.json").read_text()
+    with pytest.raises(localearn.UserError, match="is finished"):
+        localearn.fit(resume=str(run))
+    assert (run / "summary.json").read_text() == before
+    # more epochs: no k=, no model=, the stored train_limit kept
+    more = localearn.fit(resume=str(run), epochs=2)
+    cfg = more.summary["config"]
+    assert (cfg["k"], cfg["model"], cfg["train_limit"], cfg["epochs"]) == (2, "tiny", 96, 2)
+    assert len(more.history) == 2 and more.run_dir == run

@@ -14,10 +14,6 @@ from pydantic.fields import FieldInfo
 from localearn.errors import UserError
 
 _NOT_SETTINGS = ("command", "config", "func", "argv")
-#: settings a resumed run does not take from its checkpoint: where it writes (the checkpoint's
-#: own folder unless --output-dir is given), whether it may replace a run, whether its data may
-#: run shell commands (a checkpoint from elsewhere must not switch that on)
-_NOT_RESUMED = ("output_dir", "overwrite", "allow_pipe", "resume", "seeds")
 #: shorter spellings of some flags
 _ALIASES = {"output_dir": ["--out"]}
 
@@ -111,8 +107,9 @@ def fit_command(args: argparse.Namespace) -> int:
     import shlex
 
     from localearn import distributed
-    from localearn.config import FitConfig, make_config
-    from localearn.engine import checkpoint, fit, fit_repeats
+    from localearn.api import refuse_finished, resumed_settings
+    from localearn.config import make_config
+    from localearn.engine import fit, fit_repeats
     from localearn.runlog import console_logging
 
     distributed.die_with_launcher()  # a worker of --nproc: stop when the launcher dies
@@ -120,11 +117,10 @@ def fit_command(args: argparse.Namespace) -> int:
     overrides = dict(given)
     if args.resume and args.config is None:
         # continue with the settings stored in the checkpoint; flags given now override them
-        path, previous = checkpoint.resolve(args.resume, given.get("output_dir"))
-        saved = {k: v for k, v in checkpoint.saved_config(path, previous).items()
-                 if k not in _NOT_RESUMED and k in FitConfig.model_fields}
-        overrides = {**saved, **given}
+        overrides = resumed_settings(args.resume, given)
     cfg = make_config(args.config, **overrides)
+    if cfg.resume and not distributed.launched():
+        refuse_finished(cfg)  # a finished run says so; its summary is not rewritten
     check_precision(cfg)
     if (cfg.nproc > 1 or cfg.stages > 1) and not distributed.launched():
         preflight(cfg)  # a mistake is one line here, not one per worker and a torchrun trace
