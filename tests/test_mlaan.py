@@ -11,6 +11,7 @@ from mlaan_reference import naive_step
 from torch import nn
 
 from localearn import expr
+from localearn.build import build_run
 from localearn.config import make_config
 from localearn.engine import fit
 from localearn.errors import UserError
@@ -218,3 +219,85 @@ def test_recompute_lowers_the_peak_of_live_tensors():
         rule, net, _ = build(f"mlaan(dgl, recompute={flag})", "resnet32", 6)
         _, peaks[flag] = cpu_peak(partial(rule.train_step, PlainContext(), net, images, targets))
     assert peaks[True] < 0.8 * peaks[False], peaks
+
+
+# ------------------------------------------------------------------ which twins move, and when
+
+
+def engine_step(text: str, K: int, ema: float = 0.9):
+    """Two steps of the engine's real `Step` (zero_grad, the rule, the optimizer step,
+    ``after_step``); the run, and the twins' states and their real blocks' parameters before
+    the second (after the first, twins and real blocks differ: a twin equal to its block would
+    not show an update)."""
+    run = build_run(make_config(rule=text, k=K, device="cpu", lr=0.1), info=helpers.INFO)
+    rule = run.rule
+    run.step(*helpers.batch(seed=2))
+    twins = {key: copy.deepcopy(t.state_dict()) for key, t in rule.twins.items()}
+    reals = {key: [q.detach().clone() for q in rule.units[rule.twin_blocks[key]].parameters()]
+             for key in rule.twins}
+    run.step(*helpers.batch())
+    return run, twins, reals
+
+
+def expect_moved(rule, key, before, real_params, ema, buffers_from=None):
+    twin = rule.twins[key]
+    for (name, t), r in zip(twin.named_parameters(), real_params, strict=True):
+        torch.testing.assert_close(t, ema * before[key][name] + (1 - ema) * r)
+    if buffers_from is not None:  # else the twin's own forwards move its BN statistics
+        for b, r in zip(twin.buffers(), buffers_from.buffers(), strict=True):
+            torch.testing.assert_close(b, r)
+
+
+def test_twins_public_last_moves_only_the_last_lams_twin_before_the_step():
+    # the public CIFAR code: only module K-2's twin moves, from the weights before the
+    # optimizer step, parameters only; every other twin keeps its initial weights
+    run, before, reals = engine_step("mlaan(dgl, ema=0.9, twins=public_last)", 8)
+    rule = run.rule
+    last = rule.twin_keys[-1][0]
+    assert rule.cascades[-1] == 6 and last == str(rule.blocks[-1][0])
+    expect_moved(rule, last, before, reals[last], 0.9)
+    after = [q.detach() for q in rule.units[rule.twin_blocks[last]].parameters()]
+    assert any(not torch.equal(a, r) for a, r in zip(after, reals[last]))  # the step moved it
+    for key, twin in rule.twins.items():
+        if key != last:  # its parameters (its BN statistics follow its own forwards)
+            for name, t in twin.named_parameters():
+                assert torch.equal(t, before[key][name]), f"twin {key}.{name} moved"
+
+
+def test_twins_public_last_gives_the_last_lam_its_own_twin_when_shared():
+    # p=1, k=1: modules 11..14 of ResNet-32 K=16 all copy the final unit 15; the public code
+    # holds one twin per module, so the last LAM's moves while the others' stay put
+    run, before, reals = engine_step("lam(linear, p=1, ema=0.9, twins=public_last)", 16)
+    rule = run.rule
+    assert [rule.blocks[c] for c in range(11, 15)] == [[15]] * 4
+    assert rule.twin_keys[-1] == ["15_last"] and rule.twin_keys[-2] == ["15"]
+    expect_moved(rule, "15_last", before, reals["15_last"], 0.9)
+    for name, t in rule.twins["15"].named_parameters():
+        assert torch.equal(t, before["15"][name])
+    paper = build_run(make_config(rule="lam(linear, p=1)", k=16, device="cpu"),
+                      info=helpers.INFO).rule
+    assert "15_last" not in paper.twins  # the default shares one twin per real block
+
+
+def test_twins_public_all_moves_every_twin_before_the_step():
+    run, before, reals = engine_step("mlaan(dgl, ema=0.9, ema_blocks=all, twins=public_all)", 8)
+    rule = run.rule
+    assert len(rule.twins) > 2
+    for key in rule.twins:
+        expect_moved(rule, key, before, reals[key], 0.9)
+
+
+def test_twins_paper_moves_every_twin_after_the_step():
+    run, before, _ = engine_step("mlaan(dgl, ema=0.9)", 8)
+    rule = run.rule
+    for key in rule.twins:
+        real = rule.units[rule.twin_blocks[key]]
+        expect_moved(rule, key, before, [q.detach() for q in real.parameters()], 0.9,
+                     buffers_from=real)
+
+
+def test_twins_option_is_checked():
+    assert expr.build("mlaan(dgl)").twin_mode == "paper"
+    assert expr.build("lam(dgl, twins=public_all)").twin_mode == "public_all"
+    with pytest.raises(UserError, match="twins"):
+        expr.build("mlaan(dgl, twins=public)")

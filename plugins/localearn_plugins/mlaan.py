@@ -25,6 +25,9 @@ explicit table: ``leaps='2:6,11,15; 3:6,11'`` or ``leaps=public``, the public co
 the first copy (every copy with ``ema_blocks=all``) adds the output of an EMA twin of the same
 real block, ``twin = r * twin + (1 - r) * real`` after every optimizer step. Twins get no
 gradient but pass gradients through; twins of the same real block are one module.
+``twins=public_last`` and ``twins=public_all`` are the public code's updates instead (only the
+last leap-augmented module's twins, or every twin, before the optimizer step, parameters
+only): see `localearn_plugins.mlaan_twins`.
 
 Everything made per cascade (``blocks``, ``copies``, ``cascade_heads``) is indexed by the
 cascade's position; ``cascades[c]`` is the module that ends cascade c (with
@@ -38,8 +41,9 @@ again from its kept input with the same random state, BatchNorm statistics put b
 and each LAM block keeps only its input and is run again in its backward (activation
 checkpointing; a copy's BatchNorm statistics, unused outside training, are then updated twice).
 That costs up to k extra forwards of every module and one of every LAM. Fixed here against the
-public code: every module's twin is updated (not only the last), no loss is discarded, every
-module i < K-1 has its independent loss, and the cascade depth is the paper's k.
+public code: every module's twin is updated by default (not only the last; ``twins=public_last``
+keeps the public CIFAR code's), no loss is discarded, every module i < K-1 has its independent
+loss, and the cascade depth is the paper's k.
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ from localearn_plugins.mlaan_leaps import (  # noqa: F401  (re-exported)
     leap_blocks,
     parse_leaps,
     public_leaps,
+)
+from localearn_plugins.mlaan_twins import (
+    TwinMode,
+    check_mode,
+    ema_update,
+    keys_to_update,
+    twin_key,
 )
 
 
@@ -94,7 +105,7 @@ class MLAAN(UpdateRule):
     def __init__(self, base: HeadFactory, k: int = 3, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
                  leaps: str | None = None, fuse: bool = True, recompute: bool = False,
-                 short_cascades: bool = False) -> None:
+                 short_cascades: bool = False, twins: TwinMode = "paper") -> None:
         if not isinstance(base, HeadFactory):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
@@ -107,6 +118,7 @@ class MLAAN(UpdateRule):
         self.base, self.k, self.wx, self.wy = base, k, wx, wy
         self.ema, self.p, self.ema_blocks, self.fuse = ema, p, ema_blocks, fuse
         self.recompute, self.short_cascades = recompute, short_cascades
+        self.twin_mode = check_mode(twins)
         self.public_leaps = bool(leaps) and leaps.strip().lower() == "public"
         self.leap_table = parse_leaps(leaps) if leaps and not self.public_leaps else {}
         self.cascades: list[int] = []  # the module that ends each cascade, set by `setup`
@@ -145,6 +157,9 @@ class MLAAN(UpdateRule):
                               for i in range(K - 1) if self.independent)
         cascade_heads, copies = nn.ModuleList(), nn.ModuleList()
         twins = nn.ModuleDict()
+        # the key in ``twins`` of each LAM block's twin (None: no twin), and each twin's block
+        self.twin_keys: list[list[str | None]] = []
+        self.twin_blocks: dict[str, int] = {}
         for i in self.cascades:
             last = net.unit_ranges[i][-1]
             blocks = table.get(i)
@@ -153,10 +168,20 @@ class MLAAN(UpdateRule):
             self._check_chain(net, i, last, blocks)
             self.blocks.append(blocks)
             copies.append(nn.ModuleList(copy.deepcopy(net.units[b]) for b in blocks))
+            keys: list[str | None] = []
             for j, b in enumerate(blocks):
-                if (j == 0 or self.ema_blocks == "all") and str(b) not in twins:
-                    twin = copy.deepcopy(net.units[b]).requires_grad_(False)
-                    twins[str(b)] = twin
+                if not (j == 0 or self.ema_blocks == "all"):
+                    keys.append(None)
+                    continue
+                # public_last moves the last LAM's twins only: shared ones get their own
+                own = (self.twin_mode == "public_last" and i == self.cascades[-1]
+                       and str(b) in twins)
+                key = twin_key(b, own)
+                if key not in twins:
+                    twins[key] = copy.deepcopy(net.units[b]).requires_grad_(False)
+                    self.twin_blocks[key] = b
+                keys.append(key)
+            self.twin_keys.append(keys)
             shape = net.unit_shapes[blocks[-1]] if blocks else net.feature_shapes[i]
             cascade_heads.append(self.base.make_head(i, K, shape, info))
         self.heads, self.cascade_heads = heads, cascade_heads
@@ -206,8 +231,8 @@ class MLAAN(UpdateRule):
         """LAM_i (``i`` a module that ends a cascade): the trained copies in order, the twins'
         outputs added where they exist."""
         c = self._position[i]
-        for j, (b, block) in enumerate(zip(self.blocks[c], self.copies[c])):
-            twin = self.twins[str(b)] if j == 0 or self.ema_blocks == "all" else None
+        for key, block in zip(self.twin_keys[c], self.copies[c]):
+            twin = None if key is None else self.twins[key]
             if self.recompute and torch.is_grad_enabled():
                 # keep only each block's input; its activations are rebuilt in the backward
                 z = checkpoint(_leap, block, twin, z, use_reentrant=False)
@@ -220,14 +245,24 @@ class MLAAN(UpdateRule):
         return list(self.copies[c].parameters())
 
     def after_step(self) -> None:
-        """EMA: ``twin = r * twin + (1 - r) * real`` for every twin, after every step."""
-        with torch.no_grad():
-            for b, twin in self.twins.items():
-                real = self.units[int(b)]
-                for t, r in zip(twin.parameters(), real.parameters()):
-                    t.lerp_(r, 1.0 - self.ema)
-                for t, r in zip(twin.buffers(), real.buffers()):
-                    t.copy_(r)
+        """EMA (``twins=paper``): ``twin = r * twin + (1 - r) * real`` for every twin, after
+        every optimizer step, BatchNorm buffers copied. The public readings update in
+        `train_step` instead (`_public_twins`), before the optimizer step."""
+        if self.twin_mode == "paper":
+            ema_update(((t, self.units[self.twin_blocks[key]]) for key, t in self.twins.items()),
+                       self.ema, buffers=True)
+
+    def _public_twins(self, mine: range) -> None:
+        """``twins=public_last`` / ``public_all``: the EMA at the end of `train_step`, after
+        every backward pass and before the engine's optimizer step (the public code's place),
+        parameters only, for the twins of this process's modules."""
+        if self.twin_mode == "paper" or not self.cascades:
+            return
+        by_module = {i: [k for k in keys if k is not None]
+                     for i, keys in zip(self.cascades, self.twin_keys)}
+        keys = keys_to_update(self.twin_mode, by_module, self.cascades[-1], mine)
+        ema_update(((self.twins[k], self.units[self.twin_blocks[k]]) for k in keys), self.ema,
+                   buffers=False)
 
     # -- one training step ----------------------------------------------------------------
     def _head_grad(self, name: str, loss: Tensor, leaf: Tensor) -> Tensor:
@@ -300,6 +335,7 @@ class MLAAN(UpdateRule):
                 self._route(net, "final", i, grad, ins, outs, pending, mine.start)
             x = o.detach()  # module i's graph lives in outs[i] only, freed there
         self._from_next_stage(net, mine, (ins, outs, pending, self._acc, o, self._param_map))
+        self._public_twins(mine)  # twins=public_*: every backward done, the optimizer step not
         self._ctx, self._param_map = None, {}
         last = mine.stop == K
         return StepResult(loss=final.detach() if last else None,
@@ -369,12 +405,12 @@ class MLAAN(UpdateRule):
                             "--stage-cuts or use sync mode")
         return None
 
-    def _twins_of(self, i: int) -> list[int]:
+    def _twin_keys_of(self, i: int) -> list[str]:
         c = self._position.get(i)
-        if c is None:
-            return []
-        return [b for j, b in enumerate(self.blocks[c])
-                if (j == 0 or self.ema_blocks == "all") and str(b) in self.twins]
+        return [] if c is None else [k for k in self.twin_keys[c] if k is not None]
+
+    def _twins_of(self, i: int) -> list[int]:
+        return [self.twin_blocks[k] for k in self._twin_keys_of(i)]
 
     def units_read(self, modules: range) -> list[int]:
         """The real blocks behind the EMA twins these modules' LAMs read."""
@@ -390,7 +426,8 @@ class MLAAN(UpdateRule):
                 out += [self.cascade_heads[c], self.copies[c]]
                 copied = {id(p) for p in self.copies[c].parameters()}
                 out += [p for p in self.lam_parameters(c) if id(p) not in copied]
-        return out + [self.twins[str(b)] for b in self.units_read(modules)]
+        keys = dict.fromkeys(k for i in modules for k in self._twin_keys_of(i))
+        return out + [self.twins[k] for k in sorted(keys, key=lambda k: (self.twin_blocks[k], k))]
 
     def _route(self, net: SplitNetwork, name: str, i: int, grad: Tensor, ins: list,
                outs: list, pending: list, bottom: int = 0) -> None:
@@ -502,6 +539,6 @@ class LAM(MLAAN):
 
     def __init__(self, base: HeadFactory, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
-                 leaps: str | None = None) -> None:
+                 leaps: str | None = None, twins: TwinMode = "paper") -> None:
         super().__init__(base, k=1, wx=wx, wy=wy, ema=ema, p=p, ema_blocks=ema_blocks,
-                         leaps=leaps)
+                         leaps=leaps, twins=twins)
