@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from localearn.data.datasets import DataSplits, digits
-from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
+from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork, StepResult
 
 #: samples this process has read from a `ShortStream`
 READS = [0]
@@ -54,6 +54,54 @@ class Probe(LocalRule):
             os._exit(3)
 
 
+class Reach(LocalRule):
+    """A rule built like MLAAN but outside the first-party plugins: each module's loss trains
+    that module and the one before it (cascades of depth 2), so on pipelined stages the
+    gradient at a stage's first input goes back to the previous stage, which routes it through
+    its last module. It uses only the `StepContext` primitives: the engine knows nothing of it.
+    """
+
+    description = "test rule: every loss also trains the module before its own"
+
+    def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        return ProbeHead(shape, info)
+
+    def stage_check(self, ranges, mode, precision):
+        return None if mode == "sync" else "Reach has no async mode"
+
+    def train_step(self, ctx, net: SplitNetwork, images: Tensor, targets: Tensor):
+        K = net.k
+        mine = ctx.modules(K)
+        x, local, held = images, [], None  # held: the previous module's (output, params)
+        for i in mine:
+            module = net.local_modules[i]
+            a = ctx.enter(i, x).detach().requires_grad_(i > 0)
+            out = module(a)
+            ctx.leave(i, out)
+            leaf = out.detach().requires_grad_()
+            loss = (self.heads[i].loss(leaf, targets, images) if i < K - 1
+                    else nn.functional.cross_entropy(leaf, targets))
+            ctx.backward(loss)
+            own = list(module.parameters())
+            ctx.backward_from(out, leaf.grad, inputs=[*own, a] if i > 0 else own,
+                              retain_graph=True)  # module i's graph serves the next loss too
+            if i < K - 1:
+                local.append(loss.detach())
+                ctx.grads_ready(self.heads[i].parameters())
+            if i > 0 and held is None:  # module i-1 lives on the previous stage
+                ctx.send_back(a.grad)
+            elif i > 0:
+                ctx.backward_from(held[0], a.grad, inputs=held[1])
+                ctx.grads_ready(held[1])
+            held, x = (out, own), out
+        if mine.stop < K:  # the next stage's first loss reaches this stage's last module
+            ctx.backward_from(held[0], ctx.take_back(held[0]), inputs=held[1])
+        ctx.grads_ready(held[1])
+        last = mine.stop == K
+        return StepResult(loss=loss.detach() if last else None,
+                          logits=out.detach() if last else None, local_losses=local)
+
+
 class ShortStream(IterableDataset):
     """``base`` as a stream, in order, that states len(base) samples but holds the first
     ``held``; reading one counts it in `READS`."""
@@ -89,5 +137,6 @@ if __name__ == "__main__":
     from localearn.cli import main
 
     registry.register("rule", "pipeprobe", Probe)
+    registry.register("rule", "reach", Reach)
     registry.register("dataset", "short_digits", short_digits)
     sys.exit(main(sys.argv[1:]))

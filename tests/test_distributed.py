@@ -11,6 +11,7 @@ sees exactly the samples and crops each rank saw.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -177,6 +178,9 @@ def test_cli_nproc_2_runs_under_torchrun(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 2  # 64 images / (2 x 16)
     assert len(ckpt["rng"]) == 2  # both ranks' RNG states, for exact resume
+    # recorded as launched, so that a resume takes it up again
+    assert ckpt["config"]["nproc"] == 2
+    assert json.loads((out / "config.json").read_text())["nproc"] == 2
 
 
 def test_shard_sampler_splits_pads_and_skips():

@@ -174,6 +174,27 @@ def test_mlaan_on_three_stages_in_sync_mode_equals_one_process(tmp_path):
     same_runs(tmp_path / "one", tmp_path / "three")
 
 
+@pytest.fixture
+def reach():
+    """The job script's cascading rule, registered in this process for the test only."""
+    registry.register("rule", "reach", _job_module().Reach)
+    yield
+    registry._SESSION["rule"].pop("reach", None)
+
+
+def test_a_third_party_cascading_rule_pipelines_exactly(tmp_path, reach):
+    """A rule outside the first-party plugins whose losses cross module (and so stage)
+    boundaries trains on 3 stages bitwise as in one process: the engine needs to know nothing
+    of it beyond the StepContext primitives it calls."""
+    args = [*BASE, "--rule", "reach", "--epochs", "1"]
+    one_process([*args, "--out", str(tmp_path / "one")])
+    job = torchrun(3, [*args, "--stages", "3", "--stage-cuts", "1,3",
+                       "--out", str(tmp_path / "three")])
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    same_runs(tmp_path / "one", tmp_path / "three")
+
+
 def test_async_mode_needs_k_minus_1_modules_per_stage():
     from localearn.build import build_run
     from localearn.config import FitConfig

@@ -41,7 +41,9 @@ from localearn.config import FitConfig
 from localearn.data import make_loader
 from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
-from localearn.engine.checkpoint import WriteFailed, atomic_save, atomic_write_text
+from localearn.engine import rundir
+from localearn.engine.atomic import WriteFailed, atomic_save, atomic_write_text
+from localearn.engine.checkpoint import SavedRun
 from localearn.engine.parallel import DataEnd, NonFiniteLoss
 from localearn.engine.signals import StopSignals, TrainingInterrupted
 from localearn.engine.state import RunState
@@ -149,8 +151,8 @@ class Trainer:
         if cfg.resume and cfg.output_dir is None:
             # continue in the folder the checkpoint is in, wherever it was moved or copied
             # (``latest``: the newest run under runs/)
-            path, _ = ckpt_io.resolve(cfg.resume, None)
-            cfg = cfg.model_copy(update={"output_dir": ckpt_io.run_dir_of(path)})
+            path, _ = rundir.resolve(cfg.resume, None)
+            cfg = cfg.model_copy(update={"output_dir": rundir.run_dir_of(path)})
         self.cfg = cfg
         self.command = command
         self._given_rule = rule
@@ -161,9 +163,13 @@ class Trainer:
                             f"(localearn fit --nproc {cfg.nproc}); from Python, start the "
                             "script with torchrun instead")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        if env.enabled and cfg.nproc not in (1, local_world):
+        per_stage = max(1, local_world // cfg.stages)
+        if env.enabled and cfg.nproc not in (1, per_stage):
             raise UserError(f"--nproc {cfg.nproc} disagrees with the launcher, which started "
                             f"{local_world} processes on this node")
+        if env.enabled and cfg.nproc == 1 and per_stage > 1:  # recorded as launched
+            cfg = cfg.model_copy(update={"nproc": per_stage})
+            self.cfg = cfg
         self.device = dist_.pick_device(cfg.device, env) if env.enabled else \
             resolve_device(cfg.device)
         self._owns_group = dist_.init_process_group(env, self.device)
@@ -180,6 +186,7 @@ class Trainer:
         self.run = run
         self.rule, self.net, self.aux, self.data = run.rule, run.net, run.aux, run.data
         self.optimizer, self.stepper, self.strategy = run.optimizer, run.step, run.strategy
+        self.reducer = run.step.reducer
         self.scaler = run.step.scaler
         # a pipelined run's stages read the same batches: the data is sharded by replica
         self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
@@ -206,15 +213,18 @@ class Trainer:
             raise UserError(f"no training batches: {len(self.data.train)} images for "
                             f"{env.world_size} process(es) of batch {cfg.batch_size}")
         self.steps_per_epoch = steps  # planned; an epoch may deliver fewer (see `short`)
-        warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else 0.05 * cfg.epochs
-        self.warmup_steps = round(warm * steps)
+        from localearn.engine.schedule import make_schedule  # the schedule by name
+
+        self.schedule = make_schedule(cfg, steps)
+        self.warmup_steps = self.schedule.warmup_steps
         self.state = RunState()
         self.last_checkpoint: Path | None = None
-        self.log = RunLog(cfg.output_dir or ckpt_io.RUNS_ROOT, enabled=False)  # see _fit
+        self.log = RunLog(cfg.output_dir or rundir.RUNS_ROOT, enabled=False)  # see _fit
         self._bar: tqdm | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._signals = StopSignals(announce=env.is_main)
         self._resumed_from: Path | None = None
+        self._lock: rundir.RunLock | None = None
         self._stopped = False  # the current epoch was cut short by a signal
 
     # the run's position, kept in `state` (saved with every checkpoint)
@@ -242,8 +252,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- training
     def set_lr(self) -> float:
-        lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.cfg.lr,
-                           self.cfg.warmup_lr)
+        lr = self.schedule.lr(self.step, self.epoch, self.steps_per_epoch, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -408,7 +417,7 @@ class Trainer:
         name = signal.Signals(signum).name
         state = self.state
         last = self.last_checkpoint
-        if self.step > 0 and (last is None or ckpt_io.step_path(self.cfg.output_dir, self.step)
+        if self.step > 0 and (last is None or rundir.step_path(self.cfg.output_dir, self.step)
                               != last):
             last = self.save_checkpoint()
         where = (f"step {self.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of "
@@ -515,8 +524,8 @@ class Trainer:
             "model": self.net.state_dict(), "aux": self.aux.state_dict(),
             "rule": self.rule.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "scheduler": {"name": "warmup_cosine", "step": self.step,
-                          "total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
+            "scheduler": {**self.schedule.state_dict(), "step": self.step,
+                          "total_steps": self.total_steps},
         }
 
     def save_checkpoint(self) -> Path:
@@ -526,14 +535,14 @@ class Trainer:
         self._sync_buffers()
         self._check_finite(self.state.epoch)
         rngs = dist_.gather_objects(ckpt_io.rng_state(), self.env)
-        path = ckpt_io.step_path(self.cfg.output_dir, self.step)
+        path = rundir.step_path(self.cfg.output_dir, self.step)
         failed = None
         if self.env.is_main:
             state = self.state_dict()
             state["rng"] = rngs
             try:
                 atomic_save(state, path)
-                ckpt_io.prune(self.cfg.output_dir, self.cfg.keep_checkpoints)
+                rundir.prune(self.cfg.output_dir, self.cfg.keep_checkpoints)
             except WriteFailed as exc:
                 last = self.last_checkpoint
                 when = "there is room" if exc.no_space else "it can be written"
@@ -548,21 +557,23 @@ class Trainer:
         return path
 
     def resume(self, spec: str) -> Path:
-        """Load the checkpoint ``spec`` names (see `checkpoint.resolve`) and continue from it,
-        in the output folder (see `checkpoint.claim_run_dir`)."""
+        """Load the saved run ``spec`` names (see `rundir.resolve`) and continue from it, in
+        the output folder (see `rundir.claim_run_dir`)."""
         cfg, env = self.cfg, self.env
-        found = ckpt_io.resolve(spec, cfg.output_dir) if env.is_main else None
+        found = rundir.resolve(spec, cfg.output_dir) if env.is_main else None
         path, previous = dist_.broadcast_object(found, env)
-        state = ckpt_io.read(path, previous)
+        saved = SavedRun(path, ckpt_io.read(path, previous), previous)
+        state = saved.state
         current = cfg.model_dump(mode="json")
         notes = ckpt_io.check_config(state, current, path, env.world_size)
         ckpt_io.check_state(self.net, state["model"], "model", path)
         ckpt_io.check_state(self.aux, state["aux"], "auxiliary networks", path)
         own = [len(g["params"]) for g in self.optimizer.state_dict()["param_groups"]]
-        saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
-        if own != saved:
+        saved_groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if own != saved_groups:
             raise UserError(f"checkpoint {path} does not fit this run's optimizer: parameter "
-                            f"groups of sizes {saved}, this run has {own}; it was not loaded")
+                            f"groups of sizes {saved_groups}, this run has {own}; it was not "
+                            "loaded")
         self._claim(path)
         self._resumed_from = path
         # everything checked: now load
@@ -588,36 +599,53 @@ class Trainer:
         if env.is_main:
             for note in notes:
                 LOGGER.info(f"note: {note}")
+            if cfg.nproc > 1 or cfg.stages > 1:
+                LOGGER.info(f"note: resuming on {cfg.nproc * cfg.stages} processes "
+                            f"(--nproc {cfg.nproc}, --stages {cfg.stages}, as stored unless "
+                            "given on the command line)")
             where = ("end of epoch" if self.state.epoch_done
                      else f"batch {self.state.batch_in_epoch}/{self.steps_per_epoch} of epoch")
             LOGGER.info(f"resuming from {path}: step {state['step']}, {where} {self.epoch}")
         return path
 
     def _claim(self, resume_from: Path | None) -> None:
-        """Make the output folder this run's (rank 0 decides, every rank raises alike)."""
+        """Make the output folder this run's and hold it for the whole run (rank 0 decides,
+        every rank raises alike)."""
         error = None
         if self.env.is_main:
             try:
-                ckpt_io.claim_run_dir(self.cfg.output_dir, resume_from=resume_from,
-                                      overwrite=self.cfg.overwrite)
+                rundir.usable_dir(self.cfg.output_dir)
+                self._hold(self.cfg.output_dir)
+                rundir.claim_run_dir(self.cfg.output_dir, resume_from=resume_from,
+                                     overwrite=self.cfg.overwrite)
             except UserError as exc:
                 error = str(exc)
         error = dist_.broadcast_object(error, self.env)
         if error:
             raise UserError(error)
 
+    def _hold(self, folder: Path) -> None:
+        """Lock the run folder for the whole run (`rundir.RunLock`); say so when a stale lock
+        of a killed run was taken over."""
+        if self._lock is None:
+            self._lock = rundir.RunLock(folder)
+            note = self._lock.acquire()
+            if note:
+                LOGGER.info(f"note: {note}")
+
     def _fresh_start(self) -> None:
-        """A new run: in a new folder under `checkpoint.RUNS_ROOT` when no ``output_dir`` is
+        """A new run: in a new folder under `rundir.RUNS_ROOT` when no ``output_dir`` is
         named (rank 0 makes it), else in ``output_dir``, refusing to replace another run's
-        files unless ``overwrite`` (see `checkpoint.claim_run_dir`)."""
+        files unless ``overwrite`` (see `rundir.claim_run_dir`)."""
         if self.cfg.output_dir is not None:
             self._claim(None)
             return
         made = error = None
         if self.env.is_main:
             try:
-                name = ckpt_io.run_name(self.rule.expression, self.cfg.model, self.net.k)
-                made = ckpt_io.new_run_dir(name)
+                name = rundir.run_name(self.rule.expression, self.cfg.model, self.net.k)
+                made = rundir.new_run_dir(name)
+                self._hold(made)
             except UserError as exc:
                 error = str(exc)
         made, error = dist_.broadcast_object((made, error), self.env)
@@ -631,11 +659,11 @@ class Trainer:
         final = out / "checkpoint.pt"
         if self.env.is_main and self.last_checkpoint is not None \
                 and self.last_checkpoint.is_file():
-            for old in ckpt_io.list_checkpoints(out):
+            for old in rundir.list_checkpoints(out):
                 if old != self.last_checkpoint:
                     old.unlink(missing_ok=True)
             os.replace(self.last_checkpoint, final)
-            ckpt_io.drop_empty_checkpoint_dir(out)
+            rundir.drop_empty_checkpoint_dir(out)
         dist_.barrier(self.env)
         return final
 
@@ -715,6 +743,9 @@ class Trainer:
                 self._bar.close()
                 self._bar = None
             self.log.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             if self._owns_group:
                 dist_.destroy_process_group()
                 self._owns_group = False
