@@ -40,29 +40,19 @@ def small_run(rule: str, k: int = 4, **extra):
 
 # ---------------------------------------------------------------------------- import graph
 def _module_imports(path: Path, package: str) -> set[str]:
-    """Modules of ``package`` imported at module level (not inside functions, not under
-    TYPE_CHECKING): the imports that run when the module is loaded."""
+    """Modules of ``package`` that ``path`` imports anywhere: at module level, inside
+    functions and under TYPE_CHECKING alike (counted strictly: a cycle hidden in a function
+    or behind a type-checking guard is still a cycle of the design)."""
     tree = ast.parse(path.read_text())
     out: set[str] = set()
-
-    def visit(nodes):
-        for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            if isinstance(node, (ast.If, ast.Try)):
-                visit(node.body)
-                visit(getattr(node, "orelse", []))
-                for h in getattr(node, "handlers", []):
-                    visit(h.body)
-            elif isinstance(node, ast.Import):
-                out.update(a.name for a in node.names if a.name.startswith(package))
-            elif isinstance(node, ast.ImportFrom) and node.module and \
-                    node.module.startswith(package):
-                # ``from pkg import sub`` needs the submodule sub; ``from mod import name``, mod
-                out.update(f"{node.module}.{a.name}" for a in node.names)
-                out.add(node.module)
-
-    visit(tree.body)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith(package))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                node.module.startswith(package):
+            # ``from pkg import sub`` needs the submodule sub; ``from mod import name``, mod
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+            out.add(node.module)
     return out
 
 
