@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from localearn import registry
+from localearn import expr, registry
 from localearn.config import FitConfig, make_config
 from localearn.errors import UserError
 from localearn.interfaces import UpdateRule
@@ -83,6 +83,28 @@ def refuse_finished(cfg: FitConfig) -> None:
     if done >= cfg.epochs:
         raise UserError(f"run {run} is finished ({plural(done, 'epoch')} of {cfg.epochs} "
                         f"done); nothing to resume (more epochs: --epochs {done + 1} or more)")
+
+
+def missing_rules(expression: str) -> list[str]:
+    """The rule names in ``expression`` that are not registered in this session."""
+    known = registry.available("rule")
+    todo, missing = [expr.parse(expression)], []
+    while todo:
+        node = todo.pop()
+        if node.name not in known:
+            missing.append(node.name)
+        todo.extend(node.args)
+    return missing
+
+
+def unregistered_rule_message(expression: str, missing: list[str]) -> str:
+    """One line: the rule of ``expression`` is not registered, and how to register it."""
+    names = ", ".join(repr(n) for n in missing)
+    known = ", ".join(registry.available("rule"))
+    return (f"rule {names} of {expression!r} is not registered (registered rules: {known}); "
+            f"a rule defined in a notebook or script: register its class with "
+            f"localearn.register_rule({missing[0]!r}, ItsClass) and use it from Python "
+            f"(localearn.fit(resume=...)), or install it as a plugin")
 
 
 def plural(n: int, word: str) -> str:

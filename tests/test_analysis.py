@@ -269,7 +269,7 @@ def test_analyze_probe_writes_table_json_png(runs, tmp_path, capsys):
     png, js = tmp_path / "p.png", tmp_path / "p.json"
     assert _cli("analyze", "probe", str(runs["dgl"]), str(runs["bp"]), "--device", "cpu",
                 "--train-limit", "300", "--test-limit", "200", "-o", str(png),
-                "--json", str(js)) == 0
+                "--json-out", str(js)) == 0
     table = capsys.readouterr().out
     assert table.startswith("| unit | dim |") and "dgl: dgl K=4 test %" in table
     assert png.read_bytes()[:8] == PNG
@@ -293,9 +293,11 @@ def test_analyze_probe_default_outputs_go_to_the_run_folder(runs, capsys):
 
 def test_analyze_cka_writes_table_json_png(runs, tmp_path, capsys):
     png, js = tmp_path / "c.png", tmp_path / "c.json"
-    assert _cli("analyze", "cka", str(runs["dgl"]), "--against", str(runs["bp"]),
-                "--device", "cpu", "--limit", "96", "--batch-size", "48", "-o", str(png),
-                "--json", str(js)) == 0
+    # the old spelling --json FILE still writes FILE, with a one-line deprecation warning
+    with pytest.warns(FutureWarning, match="--json c.json is deprecated|deprecated"):
+        assert _cli("analyze", "cka", str(runs["dgl"]), "--against", str(runs["bp"]),
+                    "--device", "cpu", "--limit", "96", "--batch-size", "48", "-o", str(png),
+                    "--json", str(js)) == 0
     table = capsys.readouterr().out
     assert "CKA vs bp: bp K=1" in table and "**" in table
     assert png.read_bytes()[:8] == PNG
@@ -324,10 +326,12 @@ def test_analyze_features_writes_table_json_png(runs, tmp_path, capsys):
     png, js = tmp_path / "f.png", tmp_path / "f.json"
     assert _cli("analyze", "features", str(runs["dgl"]), str(runs["bp"]), "--images", "2",
                 "--channels", "3", "--modules", "0,-1", "--device", "cpu", "-o", str(png),
-                "--json", str(js)) == 0
-    assert "| run" in capsys.readouterr().out
+                "--json") == 0
+    # --json: the results as JSON on stdout (no table); the file beside the PNG all the same
+    printed = json.loads(capsys.readouterr().out)
     assert png.read_bytes()[:8] == PNG
     data = json.loads(js.read_text())
+    assert printed == data
     assert data["units"] == [3, 15] and data["images"] == 2
     assert [p["shape"] for p in data["runs"][1]["positions"]] == [[16, 32, 32], [64, 8, 8]]
     with pytest.raises(UserError, match="module 9 is out of range"):
@@ -409,12 +413,21 @@ def test_evaluate_transfer_maps_classes_and_normalisation(runs, target_dataset):
 def test_evaluate_command_writes_table_json_png(runs, target_dataset, tmp_path, capsys):
     png, js = tmp_path / "t.png", tmp_path / "t.json"
     assert _cli("evaluate", str(runs["bp"]), "--dataset", "p13target64", "--device", "cpu",
-                "--limit", "120", "-o", str(png), "--json", str(js)) == 0
+                "--limit", "120", "-o", str(png), "--json-out", str(js)) == 0
     out = capsys.readouterr().out
     assert "| class" in out and "**all shared classes**" in out
     assert png.read_bytes()[:8] == PNG
     data = json.loads(js.read_text())
     assert data["target_left_out"] == ["monkey"] and data["dataset"] == "p13target64"
+
+
+def test_evaluate_defaults_to_the_runs_own_dataset(runs, capsys):
+    assert _cli("evaluate", str(runs["bp"]), "--device", "cpu", "--limit", "60") == 0
+    out = capsys.readouterr().out
+    assert "bp: bp K=1 on digits: accuracy" in out
+    data = json.loads((runs["bp"] / "analysis" / "transfer-digits.json").read_text())
+    assert data["dataset"] == "digits" and data["images"] == 60
+    assert data["source_left_out"] == data["target_left_out"] == []
 
 
 def test_evaluate_refuses_datasets_without_shared_classes(runs, monkeypatch):
@@ -666,7 +679,7 @@ def test_commands_in_a_subprocess_write_table_json_png(command, runs, request, t
         stl = request.getfixturevalue("stl_folder")
         argv = ["evaluate", cifar, "--dataset", "stl10", "--data-dir", stl.root]
         header, analysis = "| class", "transfer"
-    r = _localearn(*argv, "--device", "cpu", "-o", png, "--json", js)
+    r = _localearn(*argv, "--device", "cpu", "-o", png, "--json-out", js)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(header), r.stdout
     assert r.stderr == f"wrote {png} and {js}\n"  # no progress bar (not a terminal), no noise
@@ -698,3 +711,31 @@ def test_commands_in_a_subprocess_refuse_bad_input_in_one_line(case, runs, reque
     assert len(lines) == 1 and lines[0].startswith("localearn: error: "), r.stderr
     assert message in lines[0] and "Traceback" not in r.stderr
     assert r.stdout == "" and not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------- a notebook-defined rule
+def test_runs_of_an_unregistered_rule_are_analysed_without_it(tmp_path, capsys):
+    """A rule defined in a notebook: its runs' backbone analyses need no rule; what needs the
+    rule says, in one line, to register it."""
+    from localearn_plugins.dgl import DGL
+
+    import localearn
+    from localearn.cli import main
+
+    class NotebookDGL(DGL):
+        pass
+
+    run = tmp_path / "nb"
+    localearn.fit(rule=NotebookDGL(), k=4, epochs=1, train_limit=64, test_limit=32,
+                  batch_size=32, device="cpu", progress=False, output_dir=run)
+    assert json.loads((run / "summary.json").read_text())["rule"] == "notebookdgl"
+    loaded = load_run(run)
+    assert loaded.k == 4 and "localearn.register_rule('notebookdgl'" in loaded.rule_missing
+    capsys.readouterr()
+    assert _cli("analyze", "features", str(run), "--images", "1", "--channels", "2",
+                "--device", "cpu") == 0
+    assert "| run" in capsys.readouterr().out
+    # resuming needs the rule: one line saying how to register it
+    assert main(["fit", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "localearn.register_rule('notebookdgl', " in err, err

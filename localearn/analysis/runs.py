@@ -3,7 +3,9 @@
 Every import from the engine and the checkpoint module lives in this file, so the analyses
 depend on the training code in one place only. The network is rebuilt exactly as training
 builds it (rule from its expression, network through the registry), then the checkpoint's
-``model`` state is loaded into it.
+``model`` state is loaded into it. A run of a rule this session does not know (one defined in
+a notebook) is rebuilt without it, at the K it was trained with: the backbone is all the
+analyses read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from localearn import expr, registry
+from localearn.api import missing_rules, unregistered_rule_message
 from localearn.build import build_network, resolve_device
 from localearn.data import DataSplits
 from localearn.engine import checkpoint as ckpt_io
@@ -50,6 +53,8 @@ class TrainedRun:
     device: torch.device
     data_dir: Path | None = None
     _splits: DataSplits | None = field(default=None, repr=False)
+    #: why the rule could not be built (None: it was), for analyses that need it
+    rule_missing: str | None = None
 
     @property
     def model(self) -> str:
@@ -109,6 +114,20 @@ def _info_from_state(state: dict[str, Any]) -> DataInfo | None:
                     tuple(raw["std"]), tuple(raw.get("class_names", ())))
 
 
+class _BackboneOnly:
+    """Stands in for a rule this session does not know: the network is cut into the K the run
+    was trained with and nothing else is learned about it."""
+
+    def __init__(self, k: int | None) -> None:
+        self.k = k
+
+    def num_modules(self, requested: int | None, num_units: int) -> int:
+        return self.k if self.k is not None else (requested or num_units)
+
+    def configure(self, net: SplitNetwork) -> None:
+        pass
+
+
 def load_run(path: Path | str, device: str | torch.device = "cpu", *,
              data_dir: Path | str | None = None) -> TrainedRun:
     """Load a run folder (``RUN/checkpoint.pt``) or a checkpoint file for analysis.
@@ -137,7 +156,9 @@ def load_run(path: Path | str, device: str | torch.device = "cpu", *,
     num_classes = int(state.get("num_classes", info.num_classes))
     input_shape = tuple(state.get("input_shape", info.input_shape))
 
-    rule = expr.build(cfg["rule"])
+    missing = missing_rules(str(cfg["rule"]))
+    rule: Any = _BackboneOnly(state.get("model_k", cfg.get("k"))) if missing else \
+        expr.build(cfg["rule"])
     net = build_network(cfg["model"], cfg.get("k"), rule, num_classes, input_shape,
                         cfg.get("split", "even"))
     ckpt_io.check_state(net, state["model"], "model", path)
@@ -146,8 +167,10 @@ def load_run(path: Path | str, device: str | torch.device = "cpu", *,
     for p in net.parameters():
         p.requires_grad_(False)
     return TrainedRun(path=path, config=cfg, net=net, info=info, dataset=cfg["dataset"],
-               rule=getattr(rule, "expression", cfg["rule"]), device=dev,
-               data_dir=run_data_dir, _splits=splits)
+                      rule=getattr(rule, "expression", cfg["rule"]), device=dev,
+                      data_dir=run_data_dir, _splits=splits,
+                      rule_missing=unregistered_rule_message(str(cfg["rule"]), missing)
+                      if missing else None)
 
 
 def plain_train_split(splits: DataSplits) -> tuple[Dataset, bool]:

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from localearn.cli.run import add_commands as add_run_commands
 
     add_run_commands(sub)  # plot, export
-    from localearn.analysis.cli import add_commands as add_analysis_commands
+    from localearn.cli.analyze import add_commands as add_analysis_commands
 
     add_analysis_commands(sub)  # analyze probe|cka|features, evaluate
     from localearn.cli import data, table

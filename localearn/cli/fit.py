@@ -107,7 +107,12 @@ def fit_command(args: argparse.Namespace) -> int:
     import shlex
 
     from localearn import distributed
-    from localearn.api import refuse_finished, resumed_settings
+    from localearn.api import (
+        missing_rules,
+        refuse_finished,
+        resumed_settings,
+        unregistered_rule_message,
+    )
     from localearn.config import make_config
     from localearn.engine import fit, fit_repeats
     from localearn.runlog import console_logging
@@ -119,6 +124,9 @@ def fit_command(args: argparse.Namespace) -> int:
         # continue with the settings stored in the checkpoint; flags given now override them
         overrides = resumed_settings(args.resume, given)
     cfg = make_config(args.config, **overrides)
+    missing = missing_rules(cfg.rule) if cfg.resume else []
+    if missing:  # a run of a rule defined in a notebook: the command line cannot build it
+        raise UserError(unregistered_rule_message(cfg.rule, missing))
     if cfg.resume and not distributed.launched():
         refuse_finished(cfg)  # a finished run says so; its summary is not rewritten
     check_precision(cfg)
