@@ -53,6 +53,12 @@ class FitConfig(BaseModel):
         None, ge=0, description="linear warm-up before the cosine decay (default: 5% of the run)")
     warmup_lr: float = Field(0.01, ge=0,
                              description="learning rate at the start of the warm-up")
+    schedule: Literal["warmup_cosine", "public_cifar", "public_imagenet"] = Field(
+        "warmup_cosine", description="learning-rate schedule: warmup_cosine (per step); "
+        "public_cifar, public_imagenet (the public MLAAN trainers' per-epoch formulas, which "
+        "ignore the warm-up settings)")
+    drop_last: bool = Field(True, description="drop each epoch's last partial training batch "
+                            "(--no-drop-last keeps it, as the public MLAAN trainer does)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     seed: int = Field(0, ge=-SEED_MAX - 1, le=SEED_MAX,
                       description="seed of weights, data order and augmentation")
