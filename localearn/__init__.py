@@ -1,30 +1,22 @@
 """localearn: supervised local learning for PyTorch.
 
-The plugin contracts are imported here; the Python API (`fit`, `Trainer`, `FitConfig`,
-`register_rule`, ...) is imported on first use, so that ``import localearn`` stays light.
+The plugin contracts (`UpdateRule`, `LocalRule`, `AuxHead`, ...) and the Python API (`fit`,
+`Trainer`, `FitConfig`, `register_rule`, ...) are imported on first use, so that
+``import localearn`` (and ``localearn --help``) does not import torch.
 """
 
 from importlib import import_module
 from typing import Any
 
 from localearn.errors import UserError
-from localearn.interfaces import (
-    AuxHead,
-    DataInfo,
-    HeadFactory,
-    LocalModuleSplitter,
-    LocalRule,
-    PlainContext,
-    SplitNetwork,
-    StepContext,
-    StepResult,
-    UpdateRule,
-)
 
 __version__ = "0.1.0"
 
 #: the Python API, by the module that defines each name (imported on first use)
 _LAZY = {
+    **dict.fromkeys(["AuxHead", "DataInfo", "HeadFactory", "LocalModuleSplitter", "LocalRule",
+                     "PlainContext", "SplitNetwork", "StepContext", "StepResult", "UpdateRule"],
+                    "localearn.interfaces"),
     **dict.fromkeys(["fit", "load_backbone", "register_dataset", "register_model",
                      "register_rule"], "localearn.api"),
     **dict.fromkeys(["FitConfig", "make_config"], "localearn.config"),
@@ -32,9 +24,7 @@ _LAZY = {
     "RepeatsResult": "localearn.engine.repeats",
 }
 
-__all__ = ["AuxHead", "DataInfo", "HeadFactory", "LocalModuleSplitter", "LocalRule",
-           "PlainContext", "SplitNetwork", "StepContext", "StepResult", "UpdateRule", "UserError",
-           *sorted(_LAZY)]
+__all__ = ["UserError", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

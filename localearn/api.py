@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from localearn import expr, registry
+from localearn.cli.common import plural
 from localearn.config import FitConfig, make_config
 from localearn.errors import UserError
 from localearn.interfaces import UpdateRule
@@ -105,11 +106,6 @@ def unregistered_rule_message(expression: str, missing: list[str]) -> str:
             f"a rule defined in a notebook or script: register its class with "
             f"localearn.register_rule({missing[0]!r}, ItsClass) and use it from Python "
             f"(localearn.fit(resume=...)), or install it as a plugin")
-
-
-def plural(n: int, word: str) -> str:
-    """``1 epoch``, ``3 epochs``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _registered_name(cls: type) -> str | None:

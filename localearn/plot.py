@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from localearn.cli.common import plural
 from localearn.errors import UserError
 from localearn.outputs import check_output, protect
 from localearn.runlog import read_jsonl
@@ -16,15 +17,27 @@ METRICS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
            "train_loss": "train loss", "images_per_s": "images per second"}
 
 
-def run_label(run_dir: Path) -> str:
-    """``rule, model K=k`` from the run's config.json, else the folder name."""
-    cfg_path = run_dir / "config.json"
+def _read(path: Path) -> dict:
     try:
-        cfg = json.loads(cfg_path.read_text())
-        k = f" K={cfg['k']}" if cfg.get("k") else ""
-        return f"{cfg['rule']}, {cfg['model']}{k}"
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_label(run_dir: Path) -> str:
+    """``rule, model K=k`` from the run's config.json, K the one trained (summary.json's, the
+    rule's default included), else the folder name."""
+    cfg = _read(run_dir / "config.json")
+    if not isinstance(cfg.get("rule"), str) or not isinstance(cfg.get("model"), str):
         return run_dir.name
+    k = _read(run_dir / "summary.json").get("k") or cfg.get("k")
+    return f"{cfg['rule']}, {cfg['model']}" + (f" K={k}" if k else "")
+
+
+def default_output(runs: list[Path], metric: str) -> Path:
+    """Where ``plot`` writes without ``-o``: ``<metric>.png`` in the first run's folder."""
+    return Path(runs[0]) / f"{metric}.png"
 
 
 def load_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
@@ -45,16 +58,18 @@ def _number(value: object) -> bool:
             and math.isfinite(value))
 
 
-def plot_runs(runs: list[Path], out: Path, *, metric: str = "test_acc",
+def plot_runs(runs: list[Path], out: Path | None = None, *, metric: str = "test_acc",
               labels: list[str] | None = None, title: str | None = None,
               overwrite: bool = False) -> Path:
-    """Draw ``metric`` against epoch for every run into the PNG ``out`` (an existing PNG is
-    replaced only with ``overwrite``; see `localearn.outputs.check_output`)."""
+    """Draw ``metric`` against epoch for every run into the PNG ``out`` (default: in the first
+    run's folder, `default_output`; an existing PNG is replaced only with ``overwrite``; see
+    `localearn.outputs.check_output`)."""
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if labels and len(labels) != len(runs):
-        raise UserError(f"{len(labels)} labels for {len(runs)} runs; give one --label per run")
-    out = Path(out)
+        raise UserError(f"{plural(len(labels), 'label')} for {plural(len(runs), 'run')}; give "
+                        "one --label per run")
+    out = default_output(runs, metric) if out is None else Path(out)
     check_output(out, overwrite=overwrite, png=True)
     curves = [load_curve(Path(r), metric) for r in runs]
     import matplotlib

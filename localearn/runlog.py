@@ -30,12 +30,13 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from localearn.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: reading metrics needs none
+    import torch
+    from torch import nn
 
 #: the logger every console message of a run goes through
 LOGGER = logging.getLogger("localearn")
@@ -118,6 +119,8 @@ def git_commit(path: Path | None = None) -> dict[str, Any] | None:
 
 def versions() -> dict[str, str]:
     """The versions a result depends on: localearn, torch, Python (and CUDA when built with)."""
+    import torch
+
     from localearn import __version__
 
     out = {"localearn": __version__, "torch": torch.__version__,
@@ -136,6 +139,8 @@ def parameters_by_role(net: nn.Module, groups: dict[str, nn.Module]) -> dict[str
     """Parameter counts of the backbone and of each role of the auxiliary networks (a rule's
     ``aux_groups``: ``heads``, and for MLAAN ``copies`` and ``twins``), plus the ``total`` of
     distinct parameters."""
+    from torch import nn
+
     out = {"backbone": count_parameters(net)}
     for role, module in groups.items():
         out[role] = count_parameters(module)
@@ -169,6 +174,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     do, because Linux carries it over fork and exec, so a worker started by a large parent
     reports the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on others)."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/status") as f:

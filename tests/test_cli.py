@@ -24,6 +24,12 @@ def test_fit_end_to_end_writes_metrics_and_checkpoint(tmp_path):
     assert len(rows[0]["local_losses"]) == 3  # K=4: three auxiliary losses
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["config"]["k"] == 4
+    # resuming the finished run says it is finished, before any training; nothing rewritten
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    again = run("fit", "--resume", str(out))
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.count("\n") == 1 and "is finished (2 epochs of 2 done)" in again.stderr
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
 
 
 def test_listings():

@@ -57,3 +57,22 @@ def test_torn_last_metrics_line_is_ignored(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 3, "test_acc": 0.7})[:10])  # a writer killed mid-line
     assert main(["plot", str(run), "-o", str(tmp_path / "p.png")]) == 0
+
+
+def test_plot_writes_into_the_run_folder_and_labels_keep_k(tmp_path, capsys, monkeypatch):
+    from localearn.plot import run_label
+
+    monkeypatch.chdir(tmp_path)
+    run = _run(tmp_path / "r", "dgl", [0.5, 0.6])
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out == f"wrote {run / 'test_acc.png'}\n"
+    assert Image.open(run / "test_acc.png").format == "PNG"
+    assert not (tmp_path / "accuracy.png").exists()  # nothing in the working directory
+    assert main(["plot", str(run), "--metric", "train_loss"]) == 0
+    assert (run / "train_loss.png").is_file()
+    # K left to the rule (config k null): the label takes the K trained, from the summary
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "k": None}))
+    assert run_label(run) == "dgl, resnet32"
+    (run / "summary.json").write_text(json.dumps({"k": 16}))
+    assert run_label(run) == "dgl, resnet32 K=16"

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Callable
 
 from localearn.errors import SameOnEveryRank, UserError
 
@@ -24,32 +23,20 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see: {self.prog} --help)")
 
 
-def _listing(kind: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        from localearn import registry
-
-        rows = registry.listing(kind)
-        packages = registry.providers(kind)
-        width = max((len(n) for n, _ in rows), default=0)
-        dist = max((len(packages[n]) for n, _ in rows), default=0)
-        for name, text in rows:
-            print(f"{name:<{width}}  {packages[name]:<{dist}}  {text}")
-        return 0
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from localearn import __version__
+
     parser = OneLineParser(prog="localearn", description="Supervised local learning for PyTorch")
+    parser.add_argument("--version", action="version", version=f"localearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     from localearn.cli.fit import add_fit_args, fit_command
 
     fit_p = sub.add_parser("fit", help="train a rule on a model and dataset")
     add_fit_args(fit_p)
     fit_p.set_defaults(func=fit_command)  # --resume, --nproc (torchrun), then fit
-    for kind in ("rule", "model", "dataset"):
-        p = sub.add_parser(f"{kind}s", help=f"list the registered {kind}s")
-        p.set_defaults(func=_listing(kind))
+    from localearn.cli import listing
+
+    listing.add_commands(sub)  # rules [NAME], models, datasets
     from localearn.cli.measure import add_commands as add_measure_commands
 
     add_measure_commands(sub)  # memory, bench

@@ -17,13 +17,16 @@ import json
 import pickle
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from localearn.cli.common import plural
 from localearn.errors import UserError
 
 BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 FOLDER = "cifar-10-batches-py"
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +59,7 @@ def cifar10_shards_command(args: argparse.Namespace) -> int:
                                     download=args.download)
     for split in ("train", "test"):
         m = manifest[split]
-        print(f"{split}: {m['samples']} images in {m['shards']} shard(s)")
+        print(f"{split}: {plural(m['samples'], 'image')} in {plural(m['shards'], 'shard')}")
     print(f"wrote {args.out / 'manifest.json'}; train with: localearn fit --dataset "
           f"cifar10-shards --data-dir {args.out}")
     return 0
@@ -84,6 +87,8 @@ def _unpickle(path: Path) -> dict:
 
 def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, 32, 32, 3) and int labels of one split, in the batches' order."""
+    import numpy as np
+
     images, labels = [], []
     for name in BATCHES[split]:
         batch = _unpickle(folder / name)

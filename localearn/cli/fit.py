@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
 
+from localearn.cli.common import DEVICE_HELP
 from localearn.errors import UserError
 
 _NOT_SETTINGS = ("command", "config", "func", "argv")
@@ -58,8 +59,10 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="PATH",
                    help="TOML or YAML file with settings; flags override it")
     for name, field in FitConfig.model_fields.items():
-        p.add_argument("--" + name.replace("_", "-"), *_ALIASES.get(name, []), dest=name,
-                       **flag_kwargs(name, field))
+        kw = flag_kwargs(name, field)
+        if name == "device":  # every device the config accepts, mps included
+            kw["help"] = f"{DEVICE_HELP} (default: auto)"
+        p.add_argument("--" + name.replace("_", "-"), *_ALIASES.get(name, []), dest=name, **kw)
 
 
 def preflight(cfg: Any) -> None:

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from localearn.cli.common import JSON_HELP
+
 
 def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--rule", default="dgl", help="rule expression (default: dgl)")
@@ -19,7 +21,9 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--input-size", type=int, default=32,
                    help="height and width of the synthetic square input (default: 32)")
     p.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N (GPU "
+                        "number N) (default: auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="32", metavar="{32,bf16,16}",
                    help="32 (default), bf16 or 16: autocast, as in fit")
@@ -28,7 +32,7 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--vs-k", type=int,
                    help="K of the baseline (default: --k if the baseline accepts it, else its "
                         "own default)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
 def _spec(args: argparse.Namespace):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: what ``plot --metric`` accepts (`localearn.plot.METRICS`, kept here so ``--help`` stays light)
+PLOT_METRICS = ("test_acc", "train_acc", "train_loss", "images_per_s")
+
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from localearn.plot import plot_runs
@@ -34,7 +37,7 @@ def export_target(source: Path, output: Path | None) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from localearn.engine.checkpoint import export_safetensors
+    from localearn.export import export_safetensors
     from localearn.outputs import check_output
 
     target = export_target(args.checkpoint, args.output)
@@ -45,16 +48,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from localearn.plot import METRICS
-
     p = sub.add_parser("plot", help="draw the accuracy-epoch curves of runs to a PNG")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run folders (each with a metrics.jsonl)")
-    p.add_argument("-o", "--output", type=Path, default=Path("accuracy.png"),
-                   help="PNG to write (default accuracy.png); an existing PNG is replaced only "
-                        "with --overwrite, any other file (a run's own files) never")
+    p.add_argument("-o", "--output", type=Path,
+                   help="PNG to write (default: METRIC.png in the first run's folder); an "
+                        "existing PNG is replaced only with --overwrite, any other file (a "
+                        "run's own files) never")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
-    p.add_argument("--metric", choices=list(METRICS), default="test_acc")
+    p.add_argument("--metric", choices=list(PLOT_METRICS), default="test_acc")
     p.add_argument("--label", action="append", help="legend label, once per run in order")
     p.add_argument("--title")
     p.set_defaults(func=cmd_plot)
