@@ -19,10 +19,10 @@ from typing import Any
 from torch import nn
 
 from localearn import expr, registry
-from localearn.cli.common import plural
 from localearn.config import FitConfig, make_config
 from localearn.errors import UserError
 from localearn.interfaces import UpdateRule
+from localearn.runlog import plural
 
 __all__ = ["fit", "load_backbone", "register_dataset", "register_model", "register_rule"]
 

@@ -8,10 +8,9 @@ import json
 import math
 from pathlib import Path
 
-from localearn.cli.common import plural
 from localearn.errors import UserError
 from localearn.outputs import check_output, protect
-from localearn.runlog import read_jsonl
+from localearn.runlog import plural, read_jsonl
 
 METRICS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
            "train_loss": "train loss", "images_per_s": "images per second"}

@@ -42,6 +42,11 @@ if TYPE_CHECKING:  # torch is imported where it is used: reading metrics needs n
 LOGGER = logging.getLogger("localearn")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``3 epochs``: a count and its noun, as the console says it."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 class ConsoleHandler(logging.Handler):
     """Records as plain lines: information on stdout, warnings and errors on stderr as
     ``localearn: warning: ...``. The streams are looked up per record, so a redirected

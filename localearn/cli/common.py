@@ -7,16 +7,13 @@ import argparse
 import warnings
 from pathlib import Path
 
+from localearn.runlog import plural  # noqa: F401  (re-exported for the commands)
+
 #: what every training or analysis command accepts for --device
 DEVICE_HELP = ("auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N (GPU number "
                "N) or mps (Apple GPUs, where PyTorch supports them)")
 #: --json: the same meaning in every command
 JSON_HELP = "print the results as JSON on stdout (instead of the table)"
-
-
-def plural(n: int, word: str) -> str:
-    """``1 epoch``, ``3 epochs``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def add_json_flags(p: argparse.ArgumentParser, *, out_help: str | None = None) -> None:
