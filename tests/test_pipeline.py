@@ -310,3 +310,30 @@ def test_bench_stages_reports_throughput_and_idle(capsys):
     # the first timed step fills the pipeline: the rate needs at least one more
     assert main([*args[:-5], "--steps", "1", "--warmup", "1", "--stage-cuts", "2"]) == 2
     assert "bench --stages needs at least 2" in capsys.readouterr().err
+
+
+def test_sigterm_on_stages_stops_every_stage_at_one_step_with_a_checkpoint(tmp_path):
+    """A stop asked on a pipelined job ends every stage at the same step with a checkpoint
+    and the resume hint, as one process does (the lagged statistics read after the stop are
+    not mistaken for a non-finite loss)."""
+    run = tmp_path / "run"
+    args = [*BASE, "--train-limit", "1024"]  # 32 steps an epoch: the stop lands mid-epoch
+    cmd = [sys.executable, "-m", "localearn", "fit", *args, "--rule", "dgl", "--epochs", "40",
+           "--stages", "2", "--out", str(run)]
+    job = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    steps = run / "steps.jsonl"
+    while time.time() < deadline and not (steps.is_file() and steps.read_text().strip()):
+        assert job.poll() is None, job.communicate()[1]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert "nan" not in err and "Traceback" not in err, err
+    assert err.count("stopped by SIGTERM") == 1 and "--resume" in err, err
+    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    saved = torch.load(newest, weights_only=True)
+    assert saved["step"] > 1 and f"at step {saved['step']} " in err and str(newest) in err
+    assert not (run / "checkpoint.pt").exists()

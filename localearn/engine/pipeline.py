@@ -219,8 +219,9 @@ class Pipeline(Single):
             raise self._lost(exc, "summing statistics") from None
         self.waited += time.perf_counter() - start
         totals = stats.tolist()
-        self.stop_requested = self.stop_requested or totals.pop() > 0
-        if totals.pop():
+        stop, bad = totals.pop(), totals.pop()  # both read, whatever was asked before
+        self.stop_requested = self.stop_requested or stop > 0
+        if bad:
             raise NonFiniteLoss
         return totals
 
