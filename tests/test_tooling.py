@@ -241,3 +241,40 @@ def test_peak_phases_falls_back_to_the_public_events():
                                                "phase: small after"]
     peak, inside = example.peak_phase(memory, phases)
     assert 16_000_000 <= peak < 16_100_000 and inside == ["phase: big"]
+
+
+def test_progress_bar_shows_in_notebooks_and_not_in_logs(monkeypatch):
+    """The bar is tqdm.auto's (a widget in a notebook), on when a person watches: a terminal
+    or a Jupyter kernel; off for a file or a pipe."""
+    import io
+    import sys
+    import types
+
+    import tqdm.auto
+
+    from localearn.engine import loop
+
+    assert loop.tqdm is tqdm.auto.tqdm
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a log file
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    assert not loop._is_terminal()
+
+    class ZMQInteractiveShell:  # what get_ipython() returns in a Jupyter kernel
+        pass
+
+    class TerminalInteractiveShell:  # plain IPython in a terminal, output piped
+        pass
+
+    for shell, shown in ((ZMQInteractiveShell(), True), (TerminalInteractiveShell(), False),
+                         (None, False)):
+        fake = types.ModuleType("IPython")
+        fake.get_ipython = lambda shell=shell: shell
+        monkeypatch.setitem(sys.modules, "IPython", fake)
+        assert loop._is_terminal() is shown
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Tty())
+    assert loop._is_terminal()

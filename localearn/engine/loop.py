@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in a notebook, text on a terminal
 
 from localearn import distributed as dist_
 from localearn.build import build_run, resolve_device, seed_everything
@@ -758,11 +758,16 @@ def fit(cfg: FitConfig, *, rule: UpdateRule | None = None,
 
 
 def _is_terminal() -> bool:
-    """Whether stdout is a terminal (a progress bar would be noise in a file or a pipe)."""
+    """Whether a person watches the output: stdout is a terminal, or this is a Jupyter kernel
+    (its bar is a widget). A file or a pipe (a log, CI) gets no bar: it would be noise."""
     try:
-        return sys.stdout.isatty()
+        if sys.stdout.isatty():
+            return True
     except (AttributeError, ValueError):
-        return False
+        pass
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"  # Jupyter, VS Code, Colab kernels
 
 
 def summary_text(s: dict[str, Any]) -> str:
