@@ -177,6 +177,45 @@ def test_table_refuses_a_file_that_is_not_a_training_preset(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "preset" in err and "mem.toml" in err
 
 
+def test_table_runs_a_shipped_preset_cheaply_with_overrides(tmp_path, capsys):
+    """A shipped 400-epoch CIFAR-10 preset, run for one short epoch on the embedded digits:
+    --dataset, --epochs (the warm-up scaled with it) and --set reach the run's settings."""
+    import shutil
+
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    shutil.copy(ROOT / "examples" / "configs" / "table1" / "cifar10" / "dgl-resnet32.toml",
+                presets)
+    out = tmp_path / "out"
+    argv = ["table", str(presets), "--seeds", "0", "--out", str(out), "--no-progress",
+            "--dataset", "digits", "--epochs", "1", "--train-limit", "64",
+            "--test-limit", "32", "--batch-size", "32", "--workers", "0", "--set", "lr=0.05",
+            "--set", "k=4", "--set", "nesterov=false"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "dgl-resnet32 seed 0: trained" in capsys.readouterr().out
+    cfg = json.loads((out / "dgl-resnet32" / "seed-0" / "config.json").read_text())
+    assert (cfg["dataset"], cfg["epochs"], cfg["lr"], cfg["k"], cfg["nesterov"]) == \
+        ("digits", 1, 0.05, 4, False)
+    assert cfg["warmup_epochs"] == pytest.approx(10 / 400)  # the preset's share of the run
+    assert cfg["momentum"] == 0.9 and cfg["warmup_lr"] == 0.01  # the rest as the preset says
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lr", "expected KEY=VALUE"),
+    ("learning_rate=0.1", "unknown setting 'learning_rate'; valid: rule, "),
+    ("lr=fast", "invalid lr"),
+    ("epochs=0", "invalid epochs"),
+])
+def test_table_set_is_validated_in_one_line(tmp_path, capsys, setting, message):
+    presets = tmp_path / "p"
+    presets.mkdir()
+    (presets / "dgl.toml").write_text(PRESET.format(rule="dgl", k=2))
+    assert main(["table", str(presets), "--out", str(tmp_path / "o"), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o" / "dgl").exists()  # refused before any run
+
+
 @pytest.mark.parametrize("seeds", ["0,x", "1,1", ""])
 def test_table_checks_seeds(tmp_path, capsys, seeds):
     assert main(["table", str(ROOT / "examples" / "configs"), "--seeds", seeds]) == 2

@@ -20,8 +20,15 @@ from localearn.errors import UserError
 
 PRESET_SUFFIXES = (".toml", ".yaml", ".yml")
 #: flags passed to every preset (to shorten a table for a quick look, or point at the data)
-OVERRIDES = {"epochs": int, "train_limit": int, "test_limit": int, "batch_size": int,
-             "data_dir": Path, "device": str, "workers": int}
+OVERRIDES = {"dataset": str, "data_dir": Path, "epochs": int, "warmup_epochs": float,
+             "train_limit": int, "test_limit": int, "batch_size": int, "device": str,
+             "workers": int}
+_HELP = {"dataset": "registered dataset for every preset, e.g. cifar10-shards (the shipped "
+                    "shards) for cifar10",
+         "data_dir": "where every preset's dataset is",
+         "epochs": "epochs of every preset; its warm-up is scaled to match (10 of 400 epochs "
+                   "-> 0.05 of 2) unless --warmup-epochs is given",
+         "warmup_epochs": "warm-up epochs of every preset"}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +46,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="where the runs go (default: runs/table-<DIR's name>)")
     for name, kind in OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       metavar="PATH" if kind is Path else "N" if kind is int else "NAME",
-                       help=f"{name.replace('_', ' ')} for every preset")
+                       metavar={Path: "PATH", int: "N", float: "X"}.get(kind, "NAME"),
+                       help=_HELP.get(name, f"{name.replace('_', ' ')} for every preset"))
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting for every preset (a fit flag's name, e.g. "
+                        "--set lr=0.05 --set precision=bf16); repeatable")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     p.set_defaults(func=table_command)
@@ -74,6 +84,45 @@ def preset_names(folder: Path, presets: list[Path]) -> list[str]:
     stems = [p.relative_to(folder).with_suffix("").as_posix() for p in presets]
     return [p.relative_to(folder).as_posix() if stems.count(stem) > 1 else stem
             for p, stem in zip(presets, stems)]
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["lr=0.05", "nesterov=false"]`` -> ``{"lr": 0.05, "nesterov": False}``: each key a
+    `FitConfig` field, each value read as YAML (a number, true/false, a word, [a, b])."""
+    import yaml
+
+    from localearn.config import FitConfig
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=0.05")
+        if key not in FitConfig.model_fields or key in ("seed", "seeds", "output_dir"):
+            valid = ", ".join(k for k in FitConfig.model_fields
+                              if k not in ("seed", "seeds", "output_dir"))
+            raise UserError(f"--set {item!r}: unknown setting {key!r}; valid: {valid}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        out[key] = value
+    return out
+
+
+def preset_settings(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides for one preset: a shorter run (``epochs``) keeps the preset's warm-up
+    share of it unless the warm-up is given too."""
+    from localearn.config import load_config
+
+    out = dict(overrides)
+    if "epochs" in out and "warmup_epochs" not in out:
+        data = load_config(path)
+        warm, epochs = data.get("warmup_epochs"), data.get("epochs")
+        if isinstance(warm, (int, float)) and isinstance(epochs, int) and epochs > 0:
+            out["warmup_epochs"] = round(warm * out["epochs"] / epochs, 6)
+    return out
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -136,15 +185,22 @@ def run_table(folder: Path, seeds: list[int], out: Path,
     presets = find_presets(folder)
     # the table's own file, rewritten when the command is rerun; never a run's files
     check_output(out / "table.md", flag="--out", overwrite=True)
-    rows = []
+    # every preset's settings checked before any training: a mistake is one line, at once
+    plans = []
     for path, name in zip(presets, preset_names(folder, presets)):
-        last, best = [], []
+        cfgs = []
         for seed in seeds:
             try:
-                cfg = make_config(path, **(overrides or {}), seed=seed, seeds=None,
-                                  progress=progress, output_dir=out / name / f"seed-{seed}")
+                cfgs.append(make_config(path, **preset_settings(path, overrides or {}),
+                                        seed=seed, seeds=None, progress=progress,
+                                        output_dir=out / name / f"seed-{seed}"))
             except UserError as exc:
                 raise UserError(f"preset {path}: {exc}") from None
+        plans.append((name, cfgs))
+    rows = []
+    for name, cfgs in plans:
+        last, best = [], []
+        for seed, cfg in zip(seeds, cfgs):
             acc, best_acc, action = run_one(cfg)
             print(f"{name} seed {seed}: {action}, last {acc:.2%}, best {best_acc:.2%}",
                   flush=True)
@@ -162,7 +218,8 @@ def run_table(folder: Path, seeds: list[int], out: Path,
 def table_command(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     out = args.out or Path("runs") / f"table-{args.presets.resolve().name}"
-    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    overrides = {**parse_settings(args.settings),
+                 **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}}
     rows = run_table(args.presets, seeds, out, overrides, progress=args.progress)
     text = markdown(rows, seeds)
     from localearn.engine.checkpoint import atomic_write_text
