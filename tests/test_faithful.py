@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from localearn_plugins.dgl import DGLHead, PublicDGLHead
 from localearn_plugins.infopro import DEFAULTS, identify_dataset
 from localearn_plugins.linear import LinearHead
+from localearn_plugins.mlaan_leaps import leap_blocks
 from torch import nn
 from torch.nn import functional as F
 
 from localearn import expr
-from localearn.build import build_network
+from localearn.build import build_network, build_run
+from localearn.config import make_config
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, PlainContext
 from localearn.models.cifar_resnet import (
@@ -39,12 +41,21 @@ R = 0.9  # EMA rate: visible movement in two steps
 # ------------------------------------------------------------------ the paper-literal oracle
 
 
-def linear_head(shape) -> nn.Module:
+def linear_head(index, shape) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shape[0], 10))
 
 
-def dgl_head(shape) -> nn.Module:
+def dgl_head(index, shape) -> nn.Module:
     return DGLHead(shape, INFO)  # the base rule's head class, not MLAAN code
+
+
+def ce_loss(head, x, targets, images):
+    return F.cross_entropy(head(x), targets)
+
+
+def own_loss(head, x, targets, images):
+    """A base rule's head with a loss of its own (InfoPro: reconstruction and task)."""
+    return head.loss(x, targets, images)
 
 
 def load_by_order(own: nn.Module, theirs: nn.Module) -> None:
@@ -69,12 +80,13 @@ class PaperMLAAN(nn.Module):
     """
 
     def __init__(self, net, k: int, short: bool, leaps: dict[int, list[int]], ema_all: bool,
-                 make_head, wx: float = 0.001, wy: float = 0.999) -> None:
+                 make_head, wx: float = 0.001, wy: float = 0.999, loss=ce_loss) -> None:
         super().__init__()
         self.net, self.k, self.wx, self.wy, self.leaps = net, k, wx, wy, leaps
+        self.loss = loss  # L(head, features, y, images): cross-entropy of the head's logits
         K = net.k
         self.ends = [e for e in range(K - 1) if short or e >= k - 1]
-        self.g = nn.ModuleList(make_head(net.feature_shapes[j]) for j in range(K - 1))
+        self.g = nn.ModuleList(make_head(j, net.feature_shapes[j]) for j in range(K - 1))
         self.h, self.phi1, self.phi2 = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for e in self.ends:
             units = leaps[e]
@@ -83,7 +95,7 @@ class PaperMLAAN(nn.Module):
                 {str(j): copy.deepcopy(net.units[b]).requires_grad_(False)
                  for j, b in enumerate(units) if j == 0 or ema_all})
             shape = net.unit_shapes[units[-1]] if units else net.feature_shapes[e]
-            self.h[str(e)] = make_head(shape)
+            self.h[str(e)] = make_head(e, shape)
 
     def span(self, e: int) -> range:
         return range(max(0, e - self.k + 1), e + 1)
@@ -105,7 +117,7 @@ class PaperMLAAN(nn.Module):
         stats = {n: b.clone() for n, b in net.named_buffers()}  # BN moved once, as in training
         loss = 0.0
         for j in range(K - 1):  # independent: eta_d * L(g_j(x_{j+1}), y)
-            loss = loss + self.wx * F.cross_entropy(self.g[j](f[j](inputs[j])), targets)
+            loss = loss + self.wx * self.loss(self.g[j], f[j](inputs[j]), targets, images)
         for e in self.ends:  # cascade e: f_{e-k+1}..f_e, the LAM, then h_e
             z = inputs[self.span(e)[0]]
             for j in self.span(e):
@@ -115,7 +127,7 @@ class PaperMLAAN(nn.Module):
                 if str(j) in self.phi2[str(e)]:
                     out = out + self.phi2[str(e)][str(j)](z)
                 z = out
-            loss = loss + self.wy * F.cross_entropy(self.h[str(e)](z), targets)
+            loss = loss + self.wy * self.loss(self.h[str(e)], z, targets, images)
         z = inputs[max(0, K - self.k)]
         for j in range(max(0, K - self.k), K):
             z = f[j](z)
@@ -228,8 +240,15 @@ def _check_against_oracle(model, K, k, p, ema_all, short, recompute, fuse, leaps
             got = [len({n for n in sent[j] if n.startswith("cascade")}) for j in range(K)]
             assert got == oracle.signals()
             assert {j for j in range(K) if "final" in sent[j]} == set(range(max(0, K - k), K))
-    # every parameter and statistic after two steps
-    close = dict(rtol=1e-9, atol=1e-11)
+    assert_same_state(rule, net, paper_net, oracle, leaps, twins_before, R)
+    return oracle
+
+
+def assert_same_state(rule, net, paper_net, oracle, leaps, twins_before, r,
+                      close=None) -> None:
+    """Every parameter and statistic of the rule's run equals the oracle's, and every twin
+    moved (for r < 1)."""
+    close = close or dict(rtol=1e-9, atol=1e-11)
     for a, b in zip(net.parameters(), paper_net.parameters(), strict=True):
         torch.testing.assert_close(a, b, **close)
     for a, b in zip(net.buffers(), paper_net.buffers(), strict=True):
@@ -251,10 +270,9 @@ def _check_against_oracle(model, K, k, p, ema_all, short, recompute, fuse, leaps
             for a, b in zip(mine.buffers(), twin.buffers(), strict=True):
                 torch.testing.assert_close(a, b, **close)
     for b, twin in rule.twins.items():
-        if R < 1:
+        if r < 1:
             assert any(not torch.equal(t, twins_before[b][n])
                        for n, t in twin.named_parameters()), f"twin {b} never moved"
-    return oracle
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -286,6 +304,93 @@ def test_over_dgl_heads_equals_the_paper_oracle(recompute):
         return {e: [u for u in (6, 11, 13, 15) if u > net.unit_ranges[e][-1]] for e in ends}
 
     check_against_oracle("resnet32", 8, 3, 4, True, False, recompute, True, leaps, "dgl")
+
+
+# ------------------------------------------------------------- the defaults, through the engine
+
+# The leap table of the defaults (p=4) at ResNet-32 K=16, one block per module (unit u is
+# module u; units 1-5 are stage 1 at 16 channels, 6-10 stage 2 at 32, 11-15 stage 3 at 64),
+# written from the paper's description: each LAM copies p later hidden layers "distributed
+# across the early, intermediate, and deeper layers of the subsequent local modules" (III-C).
+# So: the deepest block (15); the first block of every later stage (6, 11), without which a
+# chain of copied blocks cannot change width; the rest evenly spaced among the other later
+# blocks (one left to place: the middle one, the later of two middles at an even position;
+# two: at the thirds). Fewer than p later blocks: all of them. Modules 2..14 end a cascade.
+DEFAULT_LEAPS_R32_K16 = {
+    2: [6, 9, 11, 15],     # middle of 3,4,5,7,8,9,10,12,13,14 (10 left): 8 or 9 -> 9
+    3: [6, 9, 11, 15],     # middle of 4,5,7,8,9,10,12,13,14: 9
+    4: [6, 9, 11, 15],     # middle of 5,7,8,9,10,12,13,14: 9 or 10 -> 9
+    5: [6, 10, 11, 15],    # middle of 7,8,9,10,12,13,14: 10
+    6: [9, 11, 12, 15],    # thirds of 7,8,9,10,12,13,14: 9, 12
+    7: [9, 11, 13, 15],    # thirds of 8,9,10,12,13,14: 9, 13
+    8: [10, 11, 13, 15],   # thirds of 9,10,12,13,14: 10, 13
+    9: [11, 12, 13, 15],   # thirds of 10,12,13,14: 12, 13
+    10: [11, 12, 14, 15],  # thirds of 12,13,14: 12, 14
+    11: [12, 13, 14, 15],  # four later blocks: all
+    12: [13, 14, 15],
+    13: [14, 15],
+    14: [15],
+}
+# the paper (IV-C): SGD with Nesterov momentum 0.9 and weight decay 1e-4; k=3 (III-B); the
+# loss weights and EMA rate of the public code (wx 0.001, wy 0.999, r 0.995), twins on the
+# first copied block, updated after every optimizer step by eq. (7)
+PAPER_SGD = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def test_default_leap_policy_is_the_table():
+    shapes = build_network("resnet32", 16, expr.build("linear"), 10, (3, 32, 32)).unit_shapes
+    for module, units in DEFAULT_LEAPS_R32_K16.items():
+        assert leap_blocks(shapes, module, 4) == units, module  # module m ends with unit m
+
+
+def engine_defaults_against_oracle(base: str, loss, make_head, close=None) -> None:
+    """Bare ``mlaan(<base>)`` (every MLAAN option at its default) trained for two steps by the
+    engine's own step (``build_run(...).step``: zero_grad, the rule, the optimizer step,
+    ``after_step``), against the oracle with the paper's settings written out."""
+    with float64():
+        torch.manual_seed(0)
+        cfg = make_config(rule=f"mlaan({base})", model="resnet32", k=16, device="cpu",
+                          lr=0.05)
+        run = build_run(cfg, info=INFO)
+        rule, net = run.rule, run.net
+        paper_net = copy.deepcopy(net)  # the rule's copies are made from the same weights
+        leaps = DEFAULT_LEAPS_R32_K16
+        oracle = PaperMLAAN(paper_net, 3, False, leaps, False, make_head(paper_net),
+                            wx=0.001, wy=0.999, loss=loss)
+        assert rule.cascades == oracle.ends == list(range(2, 15))
+        assert rule.blocks == [leaps[e] for e in oracle.ends]
+        for j, head in enumerate(rule.heads):
+            load_by_order(oracle.g[j], head)
+        for c, e in enumerate(rule.cascades):
+            load_by_order(oracle.h[str(e)], rule.cascade_heads[c])
+        opt_paper = torch.optim.SGD(oracle.trainable(), lr=0.05, **PAPER_SGD)
+        twins_before = {b: copy.deepcopy(t.state_dict()) for b, t in rule.twins.items()}
+        gen = torch.Generator().manual_seed(1)
+        for step in range(2):
+            images = torch.randn(4, *INFO.input_shape, generator=gen)
+            targets = torch.tensor([3, 3, 7, 7]) if step == 0 else torch.tensor([1, 5, 1, 5])
+            run.step(images, targets)
+            opt_paper.zero_grad(set_to_none=True)
+            oracle.step(images, targets)
+            opt_paper.step()
+            oracle.ema(0.995)
+        assert_same_state(rule, net, paper_net, oracle, leaps, twins_before, 0.995, close)
+
+
+def test_defaults_over_dgl_through_the_engine_equal_the_paper_oracle():
+    engine_defaults_against_oracle("dgl", ce_loss, lambda net: dgl_head)
+
+
+def test_defaults_over_infopro_through_the_engine_equal_the_paper_oracle():
+    # InfoPro's own heads (decoder and SupCon projection, the ramp of its defaults for
+    # ResNet-32 K=16), built by the InfoPro rule, not by MLAAN code (its losses cast to float32
+    # inside; on these fixed batches both sides still agree to the float64 tolerance)
+    def make_head(net):
+        base = expr.build("infopro")
+        base.configure(net)
+        return lambda index, shape: base.make_head(index, net.k, shape, INFO)
+
+    engine_defaults_against_oracle("infopro", own_loss, make_head)
 
 
 # ------------------------------------------------------------------ cascades by default
