@@ -8,12 +8,15 @@
 
 plus ``batches`` and ``planned_batches`` (what the epoch delivered and what was planned) and,
 for an epoch that delivered less than half its plan, a ``warning``.
-``RUN_DIR/steps.jsonl`` one every ``log_every`` steps (``step, epoch, lr, loss, local_losses,
-train_acc`` of that batch, ``step_time, images_per_s, peak_mem_mb``), ``RUN_DIR/config.json``
-the validated settings, and ``RUN_DIR/tb/`` TensorBoard events when asked. ``local_losses[i]``
-is module i's auxiliary loss; ``train_loss`` is the last module's (the network's own
-classifier). ``peak_mem_mb`` is the peak GPU memory allocated by torch on CUDA and the peak
-resident memory of the process on CPU. Only rank 0 writes.
+``RUN_DIR/metrics.csv`` holds the same rows as a flat table (one row per epoch; a list such as
+``local_losses`` spread over ``local_losses_0, local_losses_1, ...``), for a spreadsheet.
+``RUN_DIR/log.txt`` keeps what the ``localearn`` logger printed during the run (rank 0), as the
+console showed it. ``RUN_DIR/steps.jsonl`` holds one row every ``log_every`` steps (``step,
+epoch, lr, loss, local_losses, train_acc`` of that batch, ``step_time, images_per_s,
+peak_mem_mb``), ``RUN_DIR/config.json`` the validated settings, and ``RUN_DIR/tb/`` TensorBoard
+events when asked. ``local_losses[i]`` is module i's auxiliary loss; ``train_loss`` is the last
+module's (the network's own classifier). ``peak_mem_mb`` is the peak GPU memory allocated by
+torch on CUDA and the peak resident memory of the process on CPU. Only rank 0 writes.
 
 What a run says on the console goes through the ``localearn`` logger (`LOGGER`, rank 0 only):
 `console_logging` sends it to stdout (warnings to stderr) unless the caller has set up logging
@@ -47,6 +50,64 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def console_text(record: logging.LogRecord, text: str) -> str:
+    """A record as the console shows it: warnings and errors as ``localearn: warning: ...``."""
+    if record.levelno >= logging.WARNING:
+        return f"localearn: {record.levelname.lower()}: {text}"
+    return text
+
+
+class FileLogHandler(logging.Handler):
+    """The run's console lines, kept in ``RUN_DIR/log.txt`` (appended to on resume)."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        super().__init__()
+        self.path = path
+        self.stream = open(path, mode, encoding="utf-8")  # noqa: SIM115  (closed in close)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(console_text(record, self.format(record)) + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with flat columns: lists spread over ``key_0, key_1, ...``, dicts over
+    ``key.sub``."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, (list, tuple)):
+            out.update({f"{key}_{i}": v for i, v in enumerate(value)})
+        elif isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flat_row(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def metrics_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows of ``metrics.jsonl`` as CSV text: one row per epoch, the union of their
+    columns in first-seen order, an empty cell where a row lacks one."""
+    import csv
+    import io
+
+    flat = [flat_row(r) for r in rows]
+    columns: dict[str, None] = {}
+    for r in flat:
+        columns.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buf.getvalue()
+
+
 class ConsoleHandler(logging.Handler):
     """Records as plain lines: information on stdout, warnings and errors on stderr as
     ``localearn: warning: ...``. The streams are looked up per record, so a redirected
@@ -54,12 +115,8 @@ class ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = self.format(record)
-            if record.levelno >= logging.WARNING:
-                stream, text = sys.stderr, f"localearn: {record.levelname.lower()}: {text}"
-            else:
-                stream = sys.stdout
-            stream.write(text + "\n")
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(console_text(record, self.format(record)) + "\n")
             stream.flush()
         except Exception:
             self.handleError(record)
@@ -228,8 +285,12 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.csv_path = self.run_dir / "metrics.csv"
+        self.log_path = self.run_dir / "log.txt"
         self.steps_path = self.run_dir / "steps.jsonl"
         self.tb = None
+        self._rows: list[dict[str, Any]] = []
+        self._file_log: FileLogHandler | None = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
@@ -245,6 +306,15 @@ class RunLog:
             return
         _write(self.run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         _write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        self._rows = list(history)
+        _write(self.csv_path, metrics_csv(self._rows))
+        if self._file_log is None:  # the console's lines from here on; a resume appends
+            try:
+                self._file_log = FileLogHandler(self.log_path, "a" if step > 0 else "w")
+            except OSError as exc:
+                raise UserError(f"could not write {self.log_path}: "
+                                f"{exc.strerror or exc}") from None
+            LOGGER.addHandler(self._file_log)
         kept = []
         if step > 0 and self.steps_path.is_file():
             kept = [r for r in read_jsonl(self.steps_path) if r.get("step", 0) <= step]
@@ -275,11 +345,17 @@ class RunLog:
     def epoch(self, row: dict[str, Any]) -> None:
         if self.enabled:
             self._append(self.metrics_path, row)
+            self._rows.append(row)
+            _write(self.csv_path, metrics_csv(self._rows))
             self._scalars("epoch", row, row["step"])
             if self.tb is not None:
                 self.tb.flush()
 
     def close(self) -> None:
+        if self._file_log is not None:
+            LOGGER.removeHandler(self._file_log)
+            self._file_log.close()
+            self._file_log = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None

@@ -1,5 +1,6 @@
 """The CLI end to end, in subprocesses."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -24,6 +25,15 @@ def test_fit_end_to_end_writes_metrics_and_checkpoint(tmp_path):
     assert len(rows[0]["local_losses"]) == 3  # K=4: three auxiliary losses
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["config"]["k"] == 4
+    # metrics.csv: the same rows, flat columns; log.txt: the logger's lines, as printed
+    with open(out / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in table] == [1, 2]
+    assert [float(r["local_losses_2"]) for r in table] == [r["local_losses"][2] for r in rows]
+    assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in rows]
+    log = (out / "log.txt").read_text().splitlines()
+    assert log[0].startswith("training dgl on resnet32 (K=4)") and "epoch 2/2" in log[2]
+    assert log == [line for line in r.stdout.splitlines() if not line.startswith("final ")]
     # resuming the finished run says it is finished, before any training; nothing rewritten
     before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     again = run("fit", "--resume", str(out))

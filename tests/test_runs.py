@@ -212,3 +212,38 @@ def test_seeds_without_a_folder_get_one_new_folder(first, monkeypatch):
     assert a is not b and a is not proto and not proto.heads
     saved = json.loads((parent / "seeds.json").read_text())
     assert saved["test_acc"] == [r.test_acc for r in repeats.results]
+
+
+def test_runlog_keeps_a_csv_and_the_console_log(tmp_path, monkeypatch):
+    import logging
+
+    from localearn.runlog import LOGGER, RunLog
+
+    monkeypatch.setattr(LOGGER, "handlers", [])
+    monkeypatch.setattr(LOGGER, "propagate", False)
+    old = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    try:
+        log = RunLog(tmp_path)
+        log.start({"rule": "dgl"}, [], 0)
+        LOGGER.info("epoch 1/2")
+        LOGGER.warning("a short epoch")
+        log.epoch({"epoch": 1, "step": 4, "local_losses": [0.5, 0.25], "test_acc": 0.5})
+        log.close()
+        LOGGER.info("after the run")  # not the run's
+        assert (tmp_path / "log.txt").read_text() == \
+            "epoch 1/2\nlocalearn: warning: a short epoch\n"
+        # a resumed run appends; the CSV is rewritten from the history kept
+        log = RunLog(tmp_path)
+        history = [{"epoch": 1, "step": 4, "local_losses": [0.5, 0.25], "test_acc": 0.5}]
+        log.start({"rule": "dgl"}, history, 4)
+        LOGGER.info("resumed")
+        log.epoch({"epoch": 2, "step": 8, "local_losses": [0.4, 0.2], "test_acc": 0.75,
+                   "warning": "short"})
+        log.close()
+    finally:
+        LOGGER.setLevel(old)
+    assert (tmp_path / "log.txt").read_text().splitlines()[-1] == "resumed"
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "epoch,step,local_losses_0,local_losses_1,test_acc,warning",
+        "1,4,0.5,0.25,0.5,", "2,8,0.4,0.2,0.75,short"]
