@@ -1,4 +1,5 @@
-"""The ``localearn`` command: ``fit``, ``rules``, ``models``, ``datasets``, ``plot``, ``export``.
+"""The ``localearn`` command: ``fit``, ``rules``, ``models``, ``datasets``, ``plot``, ``export``,
+``analyze``, ``evaluate``, ``predict``, ``memory``, ``bench``, ``data``, ``table``.
 
 User mistakes print one line, ``localearn: error: ...``, and exit with code 2.
 """
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_measure_commands(sub)  # memory, bench
     from localearn.cli.run import add_commands as add_run_commands
 
-    add_run_commands(sub)  # plot, export
+    add_run_commands(sub)  # plot, export, predict
     from localearn.cli.analyze import add_commands as add_analysis_commands
 
     add_analysis_commands(sub)  # analyze probe|cka|features, evaluate

@@ -1,4 +1,4 @@
-"""``localearn plot`` and ``localearn export``."""
+"""``localearn plot``, ``localearn export`` and ``localearn predict``."""
 
 from __future__ import annotations
 
@@ -47,7 +47,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from localearn.predict import run_predict
+
+    return run_predict(args.run, args.images, top=args.top, device=args.device,
+                       as_json=args.json)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """``plot``, ``export`` and ``predict``."""
+    from localearn.cli.common import DEVICE_HELP, JSON_HELP
+
     p = sub.add_parser("plot", help="draw the accuracy-epoch curves of runs to a PNG")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run folders (each with a metrics.jsonl)")
@@ -69,3 +79,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file (never a checkpoint)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("predict", help="the top classes of image files under a trained run",
+                       description="Classify image files with a run's trained backbone: each "
+                                   "file resized to the run's input size and normalised as "
+                                   "in training; prints the top classes with probabilities.")
+    p.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top", type=int, default=3, metavar="N",
+                   help="classes shown per image (default: 3)")
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default: cpu)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(func=cmd_predict)
