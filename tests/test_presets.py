@@ -24,16 +24,20 @@ TABLE1 = {"cifar10": (1024, 0.8, 32), "svhn": (1024, 0.8, 32), "stl10": (128, 0.
 # classifier, no decoder), resnetDGLbin (its fixed-width DGL head everywhere), resnetInfoProbin
 # (stage-index ramp), resnetMLAAN (linear heads, k=2), resnetDGL_DFLocalPlus (MLM only, InfoPro
 # classifiers, wx=0.01, wy=0.99), resnetDGL_EMAPlus (LAM only, DGL head at weight 1)
+# The public CIFAR MLAAN files update only the last module's EMA twin, before the optimizer
+# step (twins=public_last); the LAM-only and ImageNet files every twin, before it (public_all).
 GREEDY = "infopro(loss=ce, ixx_1=0, ixx_2=0, ixy_1=1, ixy_2=1)"
-DGL_STAR = "mlaan(dgl(style=public), leaps=public)"
+DGL_STAR = "mlaan(dgl(style=public), leaps=public, twins=public_last)"
 METHODS = {
     "bp": "bp", "dgl": GREEDY, "dgl-mlaan": DGL_STAR, "infopro": "infopro",
     "infopro-mlaan": "mlaan(infopro(loss=ce, ixx_1=5, ixx_2=0, ixy_1=0.5, ixy_2=0, "
-                     "ramp=stage), leaps=public)",
-    "mlaan": "mlaan(linear, k=2, leaps=public)",
+                     "ramp=stage), leaps=public, twins=public_last)",
+    "mlaan": "mlaan(linear, k=2, leaps=public, twins=public_last)",
 }
 TABLE4 = {"dgl": GREEDY, "mlm-dgl": f"mlm({GREEDY}, wx=0.01, wy=0.99)",
-          "lam-dgl": "lam(dgl(style=public), wx=0, wy=1, leaps=public)", "mlaan-dgl": DGL_STAR}
+          "lam-dgl": "lam(dgl(style=public), wx=0, wy=1, leaps=public, twins=public_all)",
+          "mlaan-dgl": DGL_STAR}
+IMAGENET_MLAAN = "mlaan(linear, twins=public_all)"
 # the public ImageNet code zero-initialises ResNet-34's residual BN; ResNet-101's it does not
 IMAGENET_MODEL = {"resnet34": "resnet34-zero-init", "resnet101": "resnet101",
                   "resnet152": "resnet152"}
@@ -106,7 +110,9 @@ def test_table1_presets(path):
     dataset = path.parent.name
     assert cfg.dataset == dataset and (cfg.batch_size, cfg.lr) == TABLE1[dataset][:2]
     assert (cfg.epochs, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (400, 0.9, True, 1e-4)
-    assert (cfg.warmup_epochs, cfg.warmup_lr) == (10, 0.01)
+    # the public CIFAR trainer: its per-epoch --cos_lr, the last partial batch kept
+    assert (cfg.schedule, cfg.drop_last) == ("public_cifar", False)
+    assert cfg.warmup_epochs is None  # not set: the public schedule has its own warm-up
     assert "the paper states no augmentation" in path.read_text()
 
 
@@ -115,9 +121,10 @@ def test_table2_presets(path):
     cfg = make_config(path)
     model, method = path.stem.split("-")
     assert cfg.model == IMAGENET_MODEL[model] and cfg.dataset == "imagenet-shards"
-    assert cfg.rule == ("bp" if method == "bp" else "mlaan(linear)")
+    assert cfg.rule == ("bp" if method == "bp" else IMAGENET_MLAAN)
     assert cfg.k == (None if method == "bp" else UNITS[model])
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.warmup_epochs) == (150, 128, 0.05, 0)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule) == \
+        (150, 128, 0.05, "public_imagenet")
     assert f'model = "{cfg.model}"' in path.read_text() and "# Init" in path.read_text()
 
 
@@ -130,7 +137,7 @@ def test_table3_presets(path):
     assert run.k == (None if method == "bp" else UNITS[model])
     assert (run.batch_size, run.input_size, run.num_classes, run.precision) == \
         ((1024, 32, 10, "32") if cifar else (128, 224, 1000, "32"))
-    want = "bp" if method == "bp" else (DGL_STAR if cifar else "mlaan(linear)")
+    want = "bp" if method == "bp" else (DGL_STAR if cifar else IMAGENET_MLAAN)
     assert run.rule == want
 
 
@@ -141,7 +148,7 @@ def test_table4_presets(path):
         (TABLE4[path.stem], "resnet32", 16, "cifar10")
     same = make_config(CONFIGS / "table1" / "cifar10" / "dgl-resnet32.toml")
     for field in ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
-                  "warmup_epochs", "warmup_lr"):
+                  "warmup_epochs", "warmup_lr", "schedule", "drop_last"):
         assert getattr(cfg, field) == getattr(same, field)
 
 
