@@ -19,20 +19,15 @@ rank 0; the progress bar shows only when stdout is a terminal. At the end the ru
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm  # a widget in a notebook, text on a terminal
 
 from localearn import distributed as dist_
@@ -42,23 +37,22 @@ from localearn.data import make_loader
 from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
 from localearn.engine import rundir
-from localearn.engine.atomic import WriteFailed, atomic_save, atomic_write_text
+from localearn.engine.atomic import atomic_save, atomic_write_text
 from localearn.engine.checkpoint import SavedRun
 from localearn.engine.parallel import DataEnd, NonFiniteLoss
+from localearn.engine.report import FitResult, best_of, evaluate, run_summary, summary_text
+from localearn.engine.saving import CheckpointManager, TrainingDiverged, WithPosition
+from localearn.engine.schedule import make_schedule, warmup_cosine
 from localearn.engine.signals import StopSignals, TrainingInterrupted
 from localearn.engine.state import RunState
-from localearn.engine.step import autocast
 from localearn.errors import UserError
-from localearn.interfaces import SplitNetwork, UpdateRule
+from localearn.interfaces import UpdateRule
 from localearn.runlog import (
     LOGGER,
     RunLog,
     console_logging,
-    git_commit,
-    parameters_by_role,
     peak_memory_mb,
     require_tensorboard,
-    versions,
 )
 
 __all__ = ["SHORT_EPOCH", "FitResult", "Trainer", "TrainingDiverged", "TrainingInterrupted",
@@ -67,73 +61,6 @@ __all__ = ["SHORT_EPOCH", "FitResult", "Trainer", "TrainingDiverged", "TrainingI
 
 #: an epoch delivering fewer than this share of its planned batches is a warning
 SHORT_EPOCH = 0.5
-
-
-class TrainingDiverged(UserError):
-    """The loss, the weights or the optimizer state became NaN or infinite; the run stopped
-    before saving the diverged state."""
-
-
-def warmup_cosine(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``lr`` over ``warmup`` steps, then cosine to 0."""
-    if step < warmup:
-        return warmup_lr + (lr - warmup_lr) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, *,
-             precision: str = "32", channels_last: bool = False,
-             env: dist_.DistEnv | None = None) -> float:
-    """Top-1 accuracy of the backbone's own classifier (summed over ranks when ``env`` is a
-    multi-process job and each rank's loader holds its share of the test set)."""
-    was_training = net.training
-    net.eval()
-    correct = total = 0
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = net(images)
-        correct += (logits.argmax(1) == targets).sum().item()
-        total += len(targets)
-    net.train(was_training)
-    if env is not None and env.enabled:
-        correct, total = dist_.all_sum([correct, total], device, env)
-    if total == 0:
-        raise UserError("the test set delivered no samples: nothing to evaluate (check the "
-                        "test data, or --test-limit)")
-    return correct / total
-
-
-@dataclass
-class FitResult:
-    """A finished run: the last epoch's test accuracy and train loss, the best test accuracy
-    and its epoch (the public code reports the best; the paper the mean of 3 runs' last), the
-    per-epoch ``history`` (the rows of ``metrics.jsonl``), and the trained parts: the split
-    network (``net``; ``net.backbone`` is the plain model), the auxiliary networks (``aux``),
-    the rule, the run's folder and its ``summary`` (``summary.json``)."""
-
-    test_acc: float
-    train_loss: float
-    history: list[dict] = field(default_factory=list)
-    step: int = 0
-    checkpoint: Path | None = None
-    best_test_acc: float = 0.0
-    best_epoch: int = 0
-    net: SplitNetwork | None = field(default=None, repr=False)
-    aux: nn.Module | None = field(default=None, repr=False)
-    rule: UpdateRule | None = field(default=None, repr=False)
-    run_dir: Path | None = None
-    summary: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-def best_of(history: list[dict]) -> tuple[float, int]:
-    """The best test accuracy in ``history`` and its epoch (the earliest on a tie)."""
-    best = max(history, key=lambda r: (r["test_acc"], -r["epoch"]))
-    return best["test_acc"], best["epoch"]
 
 
 class Trainer:
@@ -213,18 +140,19 @@ class Trainer:
             raise UserError(f"no training batches: {len(self.data.train)} images for "
                             f"{env.world_size} process(es) of batch {cfg.batch_size}")
         self.steps_per_epoch = steps  # planned; an epoch may deliver fewer (see `short`)
-        from localearn.engine.schedule import make_schedule  # the schedule by name
-
         self.schedule = make_schedule(cfg, steps)
         self.warmup_steps = self.schedule.warmup_steps
         self.state = RunState()
-        self.last_checkpoint: Path | None = None
+        self.ckpt = CheckpointManager(
+            {"model": self.net, "aux": self.aux, "rule": self.rule,
+             "optimizer": self.optimizer, "scaler": self.scaler,
+             "scheduler": WithPosition(self.schedule, lambda: {
+                 "step": self.step, "total_steps": self.total_steps})},
+            self.state, self._meta, env)
         self.log = RunLog(cfg.output_dir or rundir.RUNS_ROOT, enabled=False)  # see _fit
         self._bar: tqdm | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._signals = StopSignals(announce=env.is_main)
-        self._resumed_from: Path | None = None
-        self._lock: rundir.RunLock | None = None
         self._stopped = False  # the current epoch was cut short by a signal
 
     # the run's position, kept in `state` (saved with every checkpoint)
@@ -429,63 +357,8 @@ class Trainer:
                    f"localearn fit --resume {last}")
         return TrainingInterrupted(msg, 128 + signum)
 
-    def _check_finite(self, epoch: int) -> None:
-        """Refuse to save weights, buffers or optimizer state holding a NaN, an infinity or a
-        value whose square overflows (`checkpoint.OVERFLOW`): no such checkpoint is good."""
-        named = [*ckpt_io.named_tensors(self.net.state_dict(), "model"),
-                 *ckpt_io.named_tensors(self.aux.state_dict(), "aux"),
-                 *ckpt_io.named_tensors(self.optimizer.state_dict()["state"], "optimizer"),
-                 *ckpt_io.named_tensors(self.rule.state_dict() or {}, "rule")]
-        bad = ckpt_io.first_nonfinite(named)
-        if bad is not None:
-            raise TrainingDiverged(
-                f"{bad} became NaN, infinite or overflowing (beyond 1.8e19) by step "
-                f"{self.step} (epoch {epoch}): the run diverged, so no checkpoint was written "
-                f"with it; {self._good_checkpoint()}; "
-                f"the learning rate is {self.cfg.lr}")
-
-    def _good_checkpoint(self) -> str:
-        last = self.last_checkpoint
-        if last is None:
-            return "no checkpoint had been written yet"
-        if last == self._resumed_from:
-            return (f"this run resumed from {last} and diverged again from it: that state is "
-                    "past saving; resume an earlier checkpoint or start again with a lower --lr")
-        return (f"the last good checkpoint is {last} (resume it with --resume {last}, e.g. "
-                f"with a lower --lr)")
-
-    def summary(self, result: FitResult) -> dict[str, Any]:
-        """The run's summary (``summary.json``): last and best test accuracy (with the best's
-        epoch), parameters by role, time, throughput, peak memory, and what reproduces it:
-        the command, the settings, the versions and the project's git commit."""
-        cfg = self.cfg
-        rows = self.history
-        train_time = sum(r["epoch_time"] for r in rows)
-        images = sum(r.get("images", 0) for r in rows)
-        return {
-            "rule": self.rule.expression, "model": cfg.model, "k": self.net.k,
-            "dataset": cfg.dataset, "seed": cfg.seed, "epochs": len(rows), "steps": self.step,
-            "last_test_acc": result.test_acc, "best_test_acc": result.best_test_acc,
-            "best_epoch": result.best_epoch, "final_train_loss": result.train_loss,
-            "parameters": parameters_by_role(self.net, self.rule.aux_groups(self.aux)),
-            "train_time_s": train_time,  # the epochs' training time (all sessions of a resume)
-            "wall_time_s": time.perf_counter() - self._started,  # this session, start to end
-            "images": images,  # trained on, all processes
-            "images_per_s": images / train_time if train_time > 0 else 0.0,
-            "peak_mem_mb": max([peak_memory_mb(self.device),
-                                *(r.get("peak_mem_mb", 0.0) for r in rows)]),
-            "device": str(self.device), "world_size": self.env.world_size,
-            "batches_short": self.state.short,
-            "warnings": [r["warning"] for r in rows if r.get("warning")],
-            "command": self.command,
-            "config": cfg.model_dump(mode="json"),
-            "versions": versions(),
-            "git": git_commit(),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-
     def _diverged(self, value: float, epoch: int) -> None:
-        keep = self._good_checkpoint()
+        keep = self.ckpt.good_checkpoint()
         raise TrainingDiverged(
             f"the loss became {value} at step {self.step + 1} (epoch {epoch}); training "
             f"stopped before that step was applied and nothing was saved after it; {keep}; "
@@ -509,9 +382,8 @@ class Trainer:
         self._drain(self.state.epoch)
         self.stepper.sync(self.aux)  # (BatchNorm statistics averaged over replicas)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly, each part's own state (without RNG
-        states: see `save_checkpoint`)."""
+    def _meta(self) -> dict[str, Any]:
+        """What describes the run in its checkpoints (beside the components' own state)."""
         info = self.run.info
         return {
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
@@ -520,41 +392,31 @@ class Trainer:
             "data_info": {"mean": list(info.mean), "std": list(info.std),
                           "class_names": list(info.class_names)},
             "model_k": self.net.k,
-            **self.state.state_dict(),
-            "model": self.net.state_dict(), "aux": self.aux.state_dict(),
-            "rule": self.rule.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "scheduler": {**self.schedule.state_dict(), "step": self.step,
-                          "total_steps": self.total_steps},
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly, each part's own state (without RNG
+        states: see `save_checkpoint`)."""
+        return self.ckpt.state_dict()
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.ckpt.last
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N.pt`` atomically (rank 0) and prune old ones; refuse
         non-finite state (`TrainingDiverged`); a failed write leaves the previous checkpoint as
         it was and says so."""
         self._sync_buffers()
-        self._check_finite(self.state.epoch)
-        rngs = dist_.gather_objects(ckpt_io.rng_state(), self.env)
-        path = rundir.step_path(self.cfg.output_dir, self.step)
-        failed = None
-        if self.env.is_main:
-            state = self.state_dict()
-            state["rng"] = rngs
-            try:
-                atomic_save(state, path)
-                rundir.prune(self.cfg.output_dir, self.cfg.keep_checkpoints)
-            except WriteFailed as exc:
-                last = self.last_checkpoint
-                when = "there is room" if exc.no_space else "it can be written"
-                keep = (f"the previous checkpoint {last} is intact: once {when}, continue with "
-                        f"--resume {last}" if last is not None and last.is_file()
-                        else "no earlier checkpoint was written")
-                failed = f"{exc} (the partial file was removed); {keep}"
-        failed = dist_.broadcast_object(failed, self.env)
-        if failed:
-            raise UserError(failed)
-        self.last_checkpoint = path
-        return path
+        bad = self.ckpt.first_nonfinite()
+        if bad is not None:
+            raise TrainingDiverged(
+                f"{bad} became NaN, infinite or overflowing (beyond 1.8e19) by step "
+                f"{self.step} (epoch {self.state.epoch}): the run diverged, so no checkpoint "
+                f"was written with it; {self.ckpt.good_checkpoint()}; "
+                f"the learning rate is {self.cfg.lr}")
+        return self.ckpt.save(rundir.step_path(self.cfg.output_dir, self.step),
+                              self.cfg.keep_checkpoints)
 
     def resume(self, spec: str) -> Path:
         """Load the saved run ``spec`` names (see `rundir.resolve`) and continue from it, in
@@ -563,39 +425,22 @@ class Trainer:
         found = rundir.resolve(spec, cfg.output_dir) if env.is_main else None
         path, previous = dist_.broadcast_object(found, env)
         saved = SavedRun(path, ckpt_io.read(path, previous), previous)
-        state = saved.state
         current = cfg.model_dump(mode="json")
-        notes = ckpt_io.check_config(state, current, path, env.world_size)
-        ckpt_io.check_state(self.net, state["model"], "model", path)
-        ckpt_io.check_state(self.aux, state["aux"], "auxiliary networks", path)
-        own = [len(g["params"]) for g in self.optimizer.state_dict()["param_groups"]]
-        saved_groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
-        if own != saved_groups:
-            raise UserError(f"checkpoint {path} does not fit this run's optimizer: parameter "
-                            f"groups of sizes {saved_groups}, this run has {own}; it was not "
-                            "loaded")
-        self._claim(path)
-        self._resumed_from = path
-        # everything checked: now load
-        self.net.load_state_dict(state["model"])
-        self.aux.load_state_dict(state["aux"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("rule"):
-            self.rule.load_state_dict(state["rule"])
-        self.state.load_state_dict(state)
-        rngs = state.get("rng") or []
+        notes = ckpt_io.check_config(saved.state, current, path, env.world_size)
+        self.ckpt.check(saved)
+        self.ckpt.claim(cfg.output_dir, resume_from=path, overwrite=cfg.overwrite)
+        self.ckpt.load(saved)  # everything checked: now load
+        rngs = saved.state.get("rng") or []
         if len(rngs) == env.world_size:
             ckpt_io.set_rng_state(rngs[env.rank])
             self._resume_rng = rngs[env.rank]
         else:
             seed_everything(cfg.seed + env.rank + self.step)
-        if self.state.epoch_done and ckpt_io.layout_changed(state, current, env.world_size):
+        if self.state.epoch_done and ckpt_io.layout_changed(saved.state, current,
+                                                            env.world_size):
             # other batches from here on: the schedule restarts its count from the plan
             self.step = self.epoch * self.steps_per_epoch
             self.state.short = 0
-        self.last_checkpoint = path
         if env.is_main:
             for note in notes:
                 LOGGER.info(f"note: {note}")
@@ -605,67 +450,24 @@ class Trainer:
                             "given on the command line)")
             where = ("end of epoch" if self.state.epoch_done
                      else f"batch {self.state.batch_in_epoch}/{self.steps_per_epoch} of epoch")
-            LOGGER.info(f"resuming from {path}: step {state['step']}, {where} {self.epoch}")
+            LOGGER.info(f"resuming from {path}: step {saved.step}, {where} {self.epoch}")
         return path
-
-    def _claim(self, resume_from: Path | None) -> None:
-        """Make the output folder this run's and hold it for the whole run (rank 0 decides,
-        every rank raises alike)."""
-        error = None
-        if self.env.is_main:
-            try:
-                rundir.usable_dir(self.cfg.output_dir)
-                self._hold(self.cfg.output_dir)
-                rundir.claim_run_dir(self.cfg.output_dir, resume_from=resume_from,
-                                     overwrite=self.cfg.overwrite)
-            except UserError as exc:
-                error = str(exc)
-        error = dist_.broadcast_object(error, self.env)
-        if error:
-            raise UserError(error)
-
-    def _hold(self, folder: Path) -> None:
-        """Lock the run folder for the whole run (`rundir.RunLock`); say so when a stale lock
-        of a killed run was taken over."""
-        if self._lock is None:
-            self._lock = rundir.RunLock(folder)
-            note = self._lock.acquire()
-            if note:
-                LOGGER.info(f"note: {note}")
 
     def _fresh_start(self) -> None:
         """A new run: in a new folder under `rundir.RUNS_ROOT` when no ``output_dir`` is
-        named (rank 0 makes it), else in ``output_dir``, refusing to replace another run's
-        files unless ``overwrite`` (see `rundir.claim_run_dir`)."""
-        if self.cfg.output_dir is not None:
-            self._claim(None)
+        named, else in ``output_dir``, refusing to replace another run's files unless
+        ``overwrite`` (see `rundir.claim_run_dir`)."""
+        cfg = self.cfg
+        if cfg.output_dir is not None:
+            self.ckpt.claim(cfg.output_dir, resume_from=None, overwrite=cfg.overwrite)
             return
-        made = error = None
-        if self.env.is_main:
-            try:
-                name = rundir.run_name(self.rule.expression, self.cfg.model, self.net.k)
-                made = rundir.new_run_dir(name)
-                self._hold(made)
-            except UserError as exc:
-                error = str(exc)
-        made, error = dist_.broadcast_object((made, error), self.env)
-        if error:
-            raise UserError(error)
-        self.cfg = self.cfg.model_copy(update={"output_dir": made})
+        made = self.ckpt.new_folder(rundir.run_name(self.rule.expression, cfg.model,
+                                                    self.net.k))
+        self.cfg = cfg.model_copy(update={"output_dir": made})
 
-    def _finish(self) -> Path:
-        """Keep the final state as ``RUN_DIR/checkpoint.pt``; drop the step checkpoints."""
-        out = self.cfg.output_dir
-        final = out / "checkpoint.pt"
-        if self.env.is_main and self.last_checkpoint is not None \
-                and self.last_checkpoint.is_file():
-            for old in rundir.list_checkpoints(out):
-                if old != self.last_checkpoint:
-                    old.unlink(missing_ok=True)
-            os.replace(self.last_checkpoint, final)
-            rundir.drop_empty_checkpoint_dir(out)
-        dist_.barrier(self.env)
-        return final
+    def summary(self, result: FitResult) -> dict[str, Any]:
+        """The run's summary (``summary.json``, `report.run_summary`)."""
+        return run_summary(self, result)
 
     # ------------------------------------------------------------------------------ fit
     def fit(self) -> FitResult:
@@ -675,7 +477,7 @@ class Trainer:
 
     def _fit(self) -> FitResult:
         env = self.env
-        self._started = time.perf_counter()
+        self.started = time.perf_counter()
         try:
             if self.cfg.tensorboard:
                 require_tensorboard()
@@ -725,7 +527,7 @@ class Trainer:
             self._bar.close()
             if not self.history:
                 raise UserError(f"nothing to report: no epoch finished in {out}")
-            final = self._finish()
+            final = self.ckpt.finish(out)
             last = self.history[-1]
             best, best_epoch = best_of(self.history)
             result = FitResult(last["test_acc"], last["train_loss"], self.history, self.step,
@@ -743,9 +545,7 @@ class Trainer:
                 self._bar.close()
                 self._bar = None
             self.log.close()
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            self.ckpt.release()
             if self._owns_group:
                 dist_.destroy_process_group()
                 self._owns_group = False
@@ -768,15 +568,3 @@ def _is_terminal() -> bool:
     ipython = sys.modules.get("IPython")
     shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
     return type(shell).__name__ == "ZMQInteractiveShell"  # Jupyter, VS Code, Colab kernels
-
-
-def summary_text(s: dict[str, Any]) -> str:
-    """The summary's main figures in a few lines, for the console."""
-    params = ", ".join(f"{role} {n / 1e6:.3g}M" for role, n in s["parameters"].items())
-    return (f"summary: {s['rule']} on {s['model']} (K={s['k']}), {s['dataset']}, "
-            f"{s['epochs']} epochs\n"
-            f"  test accuracy: last {s['last_test_acc']:.2%}, best {s['best_test_acc']:.2%} "
-            f"(epoch {s['best_epoch']})\n"
-            f"  parameters: {params}\n"
-            f"  time: {s['train_time_s']:.1f}s training, {s['wall_time_s']:.1f}s wall; "
-            f"{s['images_per_s']:.0f} img/s; peak memory {s['peak_mem_mb']:.0f} MiB")
