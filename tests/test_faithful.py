@@ -1,6 +1,6 @@
-"""Faithful by default (issue 12): MLAAN's cascades as the paper defines them, checked against an
-oracle written from equations (3)-(7); the public heads; leap tables and splits by name;
-InfoPro's defaults by dataset."""
+"""Faithful by default: MLAAN's cascades as the paper defines them, checked against an oracle
+written from equations (3)-(7), its defaults also through the engine's own step; the public
+heads; leap tables and splits by name; InfoPro's defaults by dataset."""
 
 from __future__ import annotations
 
