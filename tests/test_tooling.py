@@ -179,7 +179,7 @@ def test_table_refuses_a_file_that_is_not_a_training_preset(tmp_path, capsys):
 
 def test_table_runs_a_shipped_preset_cheaply_with_overrides(tmp_path, capsys):
     """A shipped 400-epoch CIFAR-10 preset, run for one short epoch on the embedded digits:
-    --dataset, --epochs (the warm-up scaled with it) and --set reach the run's settings."""
+    --dataset, --epochs and --set reach the run's settings."""
     import shutil
 
     presets = tmp_path / "presets"
@@ -196,8 +196,19 @@ def test_table_runs_a_shipped_preset_cheaply_with_overrides(tmp_path, capsys):
     cfg = json.loads((out / "dgl-resnet32" / "seed-0" / "config.json").read_text())
     assert (cfg["dataset"], cfg["epochs"], cfg["lr"], cfg["k"], cfg["nesterov"]) == \
         ("digits", 1, 0.05, 4, False)
-    assert cfg["warmup_epochs"] == pytest.approx(10 / 400)  # the preset's share of the run
-    assert cfg["momentum"] == 0.9 and cfg["warmup_lr"] == 0.01  # the rest as the preset says
+    assert cfg["momentum"] == 0.9 and cfg["batch_size"] == 32  # the rest as the preset says
+
+
+def test_table_epochs_keep_the_presets_warmup_share(tmp_path):
+    from localearn.cli.table import preset_settings
+
+    preset = tmp_path / "long.toml"
+    preset.write_text('rule = "dgl"\nepochs = 400\nwarmup_epochs = 10\n')
+    assert preset_settings(preset, {"epochs": 2}) == {"epochs": 2, "warmup_epochs": 0.05}
+    assert preset_settings(preset, {"epochs": 2, "warmup_epochs": 0.5})["warmup_epochs"] == 0.5
+    plain = tmp_path / "plain.toml"  # no warm-up in the preset: its default share, untouched
+    plain.write_text('rule = "dgl"\nepochs = 400\n')
+    assert preset_settings(plain, {"epochs": 2}) == {"epochs": 2}
 
 
 @pytest.mark.parametrize("setting, message", [
