@@ -201,8 +201,6 @@ def test_drop_last_false_on_a_stream():
     assert sizes(one) == [8, 8, 8, 8] and len(one) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer does not pass cfg.drop_last to make_loader "
-                                       "yet (one argument in Trainer._build)")
 def test_trainer_honours_drop_last(tmp_path):
     # 40 images in batches of 16: 2 full batches and one of 8
     kept = Trainer(tiny(tmp_path / "kept", train_limit=40, drop_last=False))

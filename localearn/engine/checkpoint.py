@@ -66,10 +66,10 @@ REQUIRED = ("format", "version", "config", "step", "epoch", "batch_in_epoch", "e
 #: settings that define what is trained: a checkpoint with other values cannot be loaded
 STRUCTURE = ("rule", "model", "k", "split", "dataset")
 #: settings that fix which samples make up each step: may change only at an epoch boundary
-DATA_LAYOUT = ("batch_size", "train_limit", "seed")
+DATA_LAYOUT = ("batch_size", "train_limit", "seed", "drop_last")
 #: settings that change the trajectory: allowed, with a notice that the run is no longer exact
 TRAJECTORY = ("epochs", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
-              "warmup_lr", "precision")
+              "warmup_lr", "precision", "schedule")
 
 
 # ------------------------------------------------------------------------- finiteness
@@ -204,7 +204,7 @@ def check_config(ckpt: dict[str, Any], current: dict[str, Any], path: Path,
                  world_size: int) -> list[str]:
     """Refuse a checkpoint of another model or rule (or, mid-epoch, another data layout);
     return notices for changed settings that are allowed but break exactness."""
-    old = ckpt["config"]
+    old = _with_defaults(ckpt["config"])
 
     def diff(keys: tuple[str, ...]) -> list[str]:
         return [f"{k} {old.get(k)!r} (now {current.get(k)!r})" for k in keys
@@ -227,10 +227,15 @@ def check_config(ckpt: dict[str, Any], current: dict[str, Any], path: Path,
             "uninterrupted one"] if notes else []
 
 
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings it predates at their defaults."""
+    return {**{k: f.default for k, f in FitConfig.model_fields.items()}, **config}
+
+
 def layout_changed(ckpt: dict[str, Any], current: dict[str, Any], world_size: int) -> bool:
     """True if the samples making up each step differ from the checkpoint's (batch size,
     train limit, seed, number of processes)."""
-    old = ckpt["config"]
+    old = _with_defaults(ckpt["config"])
     return (any(old.get(k) != current.get(k) for k in DATA_LAYOUT)
             or ckpt.get("world_size", 1) != world_size)
 

@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,11 @@ from tqdm.auto import tqdm  # a widget in a notebook, text on a terminal
 from localearn import distributed as dist_
 from localearn.build import build_run, resolve_device, seed_everything
 from localearn.config import FitConfig
-from localearn.data import make_loader
-from localearn.data.sampling import ShardSampler, sample_seed
 from localearn.engine import checkpoint as ckpt_io
 from localearn.engine import rundir
 from localearn.engine.atomic import atomic_save, atomic_write_text
 from localearn.engine.checkpoint import SavedRun
+from localearn.engine.feed import BatchFeed
 from localearn.engine.parallel import DataEnd, NonFiniteLoss
 from localearn.engine.report import FitResult, best_of, evaluate, run_summary, summary_text
 from localearn.engine.saving import CheckpointManager, TrainingDiverged, WithPosition
@@ -115,30 +113,9 @@ class Trainer:
         self.optimizer, self.stepper, self.strategy = run.optimizer, run.step, run.strategy
         self.reducer = run.step.reducer
         self.scaler = run.step.scaler
-        # a pipelined run's stages read the same batches: the data is sharded by replica
-        self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
-        pin = self.device.type == "cuda"
-        if cfg.data_on_device:  # decoded once, kept and augmented on the device
-            from localearn.data.on_device import device_loader
-
-            self.train_loader = device_loader(self.data.train, batch_size=cfg.batch_size,
-                                              device=self.device, workers=cfg.workers,
-                                              seed=cfg.seed, rank=self.data_rank,
-                                              world_size=self.data_world)
-        else:
-            self.train_loader = make_loader(self.data.train, batch_size=cfg.batch_size,
-                                            train=True, workers=cfg.workers, seed=cfg.seed,
-                                            rank=self.data_rank, world_size=self.data_world,
-                                            pin_memory=pin)
-        sampler = self.train_loader.sampler
-        self.train_sampler = sampler if isinstance(sampler, ShardSampler) else None
-        self.test_loader = make_loader(self.data.test, batch_size=max(256, cfg.batch_size),
-                                       train=False, workers=cfg.workers, rank=env.rank,
-                                       world_size=env.world_size, pin_memory=pin)
-        steps = len(self.train_loader)
-        if steps == 0:
-            raise UserError(f"no training batches: {len(self.data.train)} images for "
-                            f"{env.world_size} process(es) of batch {cfg.batch_size}")
+        self.feed = BatchFeed(cfg, self.data, self.strategy, self.device, self.net.input_shape)
+        self.train_loader, self.test_loader = self.feed.train, self.feed.test
+        steps = self.feed.planned
         self.steps_per_epoch = steps  # planned; an epoch may deliver fewer (see `short`)
         self.schedule = make_schedule(cfg, steps)
         self.warmup_steps = self.schedule.warmup_steps
@@ -151,7 +128,6 @@ class Trainer:
             self.state, self._meta, env)
         self.log = RunLog(cfg.output_dir or rundir.RUNS_ROOT, enabled=False)  # see _fit
         self._bar: tqdm | None = None
-        self._resume_rng: dict[str, Any] | None = None
         self._signals = StopSignals(announce=env.is_main)
         self._stopped = False  # the current epoch was cut short by a signal
 
@@ -185,46 +161,6 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
-        """The epoch's batches, the first ``skip`` left out (resume), at most the planned
-        number (a stream holding more samples than it stated stops there)."""
-        planned = self.steps_per_epoch
-        for i, batch in enumerate(self._stream(epoch, skip), start=skip):
-            if i >= planned:
-                return
-            yield batch
-
-    def _stream(self, epoch: int, skip: int) -> Iterator[Any]:
-        if not self.strategy.reads_data:
-            # a later pipeline stage: each batch comes with stage 0's activations, so nothing
-            # is read here; if stage 0's stream runs out early its step raises `DataEnd`
-            images = torch.empty(0, *self.net.input_shape, device=self.device)
-            targets = torch.empty(0, dtype=torch.long, device=self.device)
-            while True:
-                yield images, targets
-        owners = [self.train_sampler, self.train_loader.dataset]
-        for owner in owners:
-            if hasattr(owner, "set_epoch"):
-                owner.set_epoch(epoch)
-        if self.train_sampler is not None:
-            self.train_sampler.skip = skip * self.cfg.batch_size
-            try:
-                yield from self.train_loader
-            finally:
-                self.train_sampler.skip = 0
-        else:
-            # loader workers seeded from (seed, epoch, rank), not from the global RNG, so a
-            # deterministic stream augments the same way after a resume
-            self.train_loader.generator = torch.Generator().manual_seed(
-                sample_seed(self.cfg.seed, epoch, self.data_rank))
-            it = iter(self.train_loader)
-            for _ in range(skip):  # a stream cannot seek: read and drop
-                next(it, None)
-            if skip and self._resume_rng is not None:  # undo what reading consumed
-                ckpt_io.set_rng_state(self._resume_rng)
-            self._resume_rng = None
-            yield from it
-
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch (or its rest, after a resume); its summary row."""
         cfg, device, state = self.cfg, self.device, self.state
@@ -235,7 +171,7 @@ class Trainer:
         images_done = 0
         lr = self.set_lr()
         start = last = time.perf_counter()
-        batches = self._batches(epoch, state.batch_in_epoch)
+        batches = self.feed.batches(epoch, state.batch_in_epoch)
         while True:
             try:
                 images, targets = next(batches)
@@ -433,7 +369,7 @@ class Trainer:
         rngs = saved.state.get("rng") or []
         if len(rngs) == env.world_size:
             ckpt_io.set_rng_state(rngs[env.rank])
-            self._resume_rng = rngs[env.rank]
+            self.feed.resume_rng = rngs[env.rank]
         else:
             seed_everything(cfg.seed + env.rank + self.step)
         if self.state.epoch_done and ckpt_io.layout_changed(saved.state, current,
