@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -263,6 +264,16 @@ class UpdateRule(ABC):
 
     # -- for rules written against the old ``train_step(net, images, targets)`` (deprecated):
     # -- the engine lends them its context while their step runs
+    @contextmanager
+    def legacy_context(self, ctx: StepContext) -> Iterator[None]:
+        """The engine's context, lent for one step to a rule written against the old
+        ``train_step(net, images, targets)`` (its ``self.backward`` calls go through it)."""
+        self._legacy_ctx = ctx
+        try:
+            yield
+        finally:
+            self._legacy_ctx = None
+
     def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Deprecated: use ``ctx.backward(loss)`` in ``train_step(ctx, ...)``."""
         (getattr(self, "_legacy_ctx", None) or PlainContext()).backward(

@@ -98,11 +98,8 @@ def run_rule(rule: UpdateRule, ctx: EngineContext, net: SplitNetwork, images: Te
     ``self.backward`` / ``self.notify_grads_ready`` calls."""
     if not legacy:
         return rule.train_step(ctx, net, images, targets)
-    rule._legacy_ctx = ctx
-    try:
+    with rule.legacy_context(ctx):
         return rule.train_step(net, images, targets)  # type: ignore[call-arg]
-    finally:
-        rule._legacy_ctx = None
 
 
 def check_step_result(rule: UpdateRule, result: object, targets: Tensor,
