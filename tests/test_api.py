@@ -203,7 +203,7 @@ def test_resume_takes_the_stored_settings(session, captured, tmp_path):
     assert first.summary["config"]["train_limit"] == 96
     # finished: resuming it again is refused in one line, its summary left alone
     before = (run / "summary.json").read_text()
-    with pytest.raises(localearn.UserError, match="is finished"):
+    with pytest.raises(localearn.UserError, match=r"is finished \(1 epoch of 1 done\)"):
         localearn.fit(resume=str(run))
     assert (run / "summary.json").read_text() == before
     # more epochs: no k=, no model=, the stored train_limit kept
