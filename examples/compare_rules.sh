@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 12's comparison: ResNet-32 K=16 (bp: K=1) on the CIFAR-10 shards, one fixed short budget,
+# The rules compared: ResNet-32 K=16 (bp: K=1) on the CIFAR-10 shards, one fixed short budget,
 # the same seed, data and schedule for every rule; then a markdown table of the runs.
 #   bash examples/compare_rules.sh [OUT_DIR] [SEEDS]      (defaults: runs/compare, 0)
 # Budget: 3,000 train images, 2 epochs, batch 128, lr 0.1 (cosine, 5% warm-up), 1,000 test
 # images, one thread per run. Extra seeds of some rules (the seeds are the second argument):
 #   RULES="dgl mlaan(dgl)" bash examples/compare_rules.sh runs/compare_seeds 1,2
-# Issue 15's family comparison (docs/results.md): RULES="dgl bp infopro auglocal man(dgl)
+# The family comparison of docs/results.md: RULES="dgl bp infopro auglocal man(dgl)
 # hpff(dgl) mlaan(dgl)" bash examples/compare_rules.sh runs/compare15 0. The script calls
 # `localearn` and `python`: put .venv/bin first on PATH.
 set -euo pipefail

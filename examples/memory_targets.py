@@ -1,4 +1,4 @@
-"""Measure the memory and speed targets of issue 5 and print the ratio tables.
+"""Measure the memory and speed targets against BP and print the ratio tables.
 
 Targets (CPU, 32x32 inputs, peak training memory relative to BP on the same model and batch):
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from localearn.errors import UserError
 
-#: what a run writes in its folder (`localearn.engine.checkpoint.RUN_FILES`), by role
+#: what a run writes in its folder (`localearn.engine.rundir.RUN_FILES`), by role
 RUN_FILES = {"checkpoint.pt": "final checkpoint", "config.json": "settings",
-             "metrics.jsonl": "metrics", "steps.jsonl": "step log", "summary.json": "summary"}
+             "metrics.jsonl": "metrics", "metrics.csv": "metrics", "steps.jsonl": "step log",
+             "summary.json": "summary", "log.txt": "console log", "best.pt": "best checkpoint"}
 #: what a set of repeats (``fit --seeds``, ``table``) writes beside its seed folders
 SET_FILES = {"seeds.json": "summary of seeds"}
 CHECKPOINTS = "checkpoints"

@@ -167,7 +167,7 @@ def test_flags_override_a_preset(tmp_path):
 @pytest.mark.parametrize("path", ALL, ids=name)
 def test_no_tracker_or_machine_references(path):
     text = path.read_text().lower()
-    for word in ("issue", "session", "/work/", "../shared"):
+    for word in ("iss" + "ue", "session", "/wo" + "rk/", "../shared"):
         assert word not in text
 
 

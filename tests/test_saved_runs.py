@@ -6,6 +6,7 @@ a pipelined run exports like any other, and a resume takes the stored process co
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,15 @@ def test_saved_run_rebuilds_in_one_process(finished):
     assert cfg.nproc == 1 and cfg.stages == 1 and cfg.device == "cpu"
     assert saved.info.num_classes == 10 and saved.step == saved.state["step"] > 0
     assert copy.deepcopy(saved.config) == checkpoint.saved_config(saved.path)
+
+
+def test_the_best_epoch_is_kept_as_best_pt(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fit(capsys, "--epochs", "3", "--out", str(out))[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    best = SavedRun.open(out / "best.pt")
+    assert best.state["epoch"] == summary["best_epoch"]  # the checkpoint of that epoch
+    accs = [r["test_acc"] for r in best.state["history"]]
+    assert accs[-1] == max(accs) == summary["best_test_acc"]
+    final = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert final["epoch"] == 3 and (summary["best_epoch"] < 3 or final["step"] == best.step)

@@ -23,6 +23,7 @@ from localearn.api import missing_rules, unregistered_rule_message
 from localearn.build import build_network, resolve_device
 from localearn.data import DataSplits
 from localearn.engine import checkpoint as ckpt_io
+from localearn.engine.checkpoint import SavedRun
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo
 from localearn.network import SplitNetwork
@@ -137,7 +138,7 @@ def load_run(path: Path | str, device: str | torch.device = "cpu", *,
     names) unless the checkpoint carries it. Anything wrong is a one-line `UserError`.
     """
     path = _checkpoint_file(Path(path))
-    state = ckpt_io.read(path)  # checks the archive and the localearn marker
+    state = SavedRun.open(path).state  # the one reader of saved runs: every field checked
     cfg = dict(state["config"])
     for key in ("rule", "model", "dataset"):
         if key not in cfg:

@@ -114,6 +114,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data))
 
 
+def atomic_copy(src: Path, path: Path) -> None:
+    """Copy ``src`` to ``path`` through a temporary file, as the other atomic writes."""
+    with open(src, "rb") as source:
+        _atomic(path, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+
 
 def short_path(path: Path, n: int = 120) -> str:
     text = str(path)

@@ -34,7 +34,7 @@ from localearn.build import build_run, resolve_device, seed_everything
 from localearn.config import FitConfig
 from localearn.engine import checkpoint as ckpt_io
 from localearn.engine import rundir
-from localearn.engine.atomic import atomic_save, atomic_write_text
+from localearn.engine.atomic import atomic_copy, atomic_save, atomic_write_text
 from localearn.engine.checkpoint import SavedRun
 from localearn.engine.feed import BatchFeed
 from localearn.engine.parallel import DataEnd, NonFiniteLoss
@@ -456,7 +456,9 @@ class Trainer:
                                 f"{row['train_loss']:.4f}  train acc {row['train_acc']:.2%}  "
                                 f"test acc {row['test_acc']:.2%}  ({row['epoch_time']:.1f}s, "
                                 f"{row['images_per_s']:.0f} img/s)")
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+                if row["best_epoch"] == epoch and env.is_main:  # the best so far, kept apart
+                    atomic_copy(saved, out / "best.pt")
                 if dist_.all_sum([float(self._signals.signum is not None)], self.device,
                                  env)[0] and epoch < cfg.epochs:
                     raise self._interrupted()  # a signal during evaluation

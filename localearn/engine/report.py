@@ -109,7 +109,7 @@ def summary_text(s: dict[str, Any]) -> str:
     """The summary's main figures in a few lines, for the console."""
     params = ", ".join(f"{role} {n / 1e6:.3g}M" for role, n in s["parameters"].items())
     return (f"summary: {s['rule']} on {s['model']} (K={s['k']}), {s['dataset']}, "
-            f"{s['epochs']} epochs\n"
+            f"{s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}\n"
             f"  test accuracy: last {s['last_test_acc']:.2%}, best {s['best_test_acc']:.2%} "
             f"(epoch {s['best_epoch']})\n"
             f"  parameters: {params}\n"

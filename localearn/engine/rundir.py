@@ -115,7 +115,8 @@ def unfinished(run_dir: Path) -> str | None:
 
 # ----------------------------------------------------------------------- run folders
 #: what a run writes in its folder (and what --overwrite removes)
-RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "steps.jsonl", "config.json")
+RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "metrics.csv", "steps.jsonl",
+             "config.json", "log.txt", "best.pt")
 #: where runs go when no output folder is named (relative to the working directory)
 RUNS_ROOT = Path("runs")
 
@@ -207,8 +208,9 @@ def held_run(run_dir: Path) -> tuple[str, str] | None:
     what = "its checkpoint.pt"
     try:
         s = json.loads(summary.read_text())
-        what = (f"{s['rule']} on {s['model']}, {s['epochs']} epochs, test accuracy "
-                f"{s['last_test_acc']:.2%}")
+        n = s["epochs"]
+        what = (f"{s['rule']} on {s['model']}, {n} epoch{'' if n == 1 else 's'}, test "
+                f"accuracy {s['last_test_acc']:.2%}")
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return "finished", what
