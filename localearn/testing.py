@@ -38,7 +38,7 @@ def check_isolation(rule: UpdateRule | str, *, model: str = "resnet32", k: int =
     """
     from localearn import expr
     from localearn.build import build_network
-    from localearn.engine.step import is_legacy, run_rule
+    from localearn.engine.step import check_step_result, is_legacy, run_rule
 
     if reach < 1:
         raise ValueError(f"reach must be at least 1 (got {reach})")
@@ -66,7 +66,8 @@ def check_isolation(rule: UpdateRule | str, *, model: str = "resnet32", k: int =
         for p in [*net.parameters(), *aux.parameters()]:
             p.grad = None
         torch.manual_seed(seed)  # dropout and the like draw the same numbers every time
-        run_rule(rule, PlainContext(), net, images, targets, legacy)  # checks the StepResult
+        check_step_result(rule, run_rule(rule, PlainContext(), net, images, targets, legacy),
+                          targets)
         return [[torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                  for p in module.parameters()] for module in net.local_modules]
 

@@ -456,9 +456,10 @@ class Trainer:
                                 f"{row['train_loss']:.4f}  train acc {row['train_acc']:.2%}  "
                                 f"test acc {row['test_acc']:.2%}  ({row['epoch_time']:.1f}s, "
                                 f"{row['images_per_s']:.0f} img/s)")
-                saved = self.save_checkpoint()
-                if row["best_epoch"] == epoch and env.is_main:  # the best so far, kept apart
-                    atomic_copy(saved, out / "best.pt")
+                self.save_checkpoint()
+                saved = self.last_checkpoint
+                if row["best_epoch"] == epoch and env.is_main and saved is not None:
+                    atomic_copy(saved, out / "best.pt")  # the best epoch so far, kept apart
                 if dist_.all_sum([float(self._signals.signum is not None)], self.device,
                                  env)[0] and epoch < cfg.epochs:
                     raise self._interrupted()  # a signal during evaluation
