@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,9 @@ def test_gpu_check_tiny_on_cpu_writes_every_section(cifar_shards, tmp_path):
     assert [s for s in SECTIONS if f"\n{s}" not in f"\n{text}"] == []
     assert "Every command succeeded." in text and "exit status 1" not in text
     # each command as typed, and its figures
-    assert "$ " + sys.executable + " -m localearn memory --rule 'mlaan(dgl, leaps=public)'" in text
+    preset = ROOT / "examples" / "configs" / "table3" / "cifar10-resnet32-mlaan.toml"
+    rule = tomllib.loads(preset.read_text())["memory"]["rule"]
+    assert f"$ {sys.executable} -m localearn memory --rule '{rule}'" in text
     assert "--device cpu --json" in text and '"peak_bytes"' in text
     assert "| cifar10-resnet32-mlaan | 2.62 |" in text  # the paper's figure beside ours
     assert text.count("median step time (s)") == 2 and "GFLOPs/image" in text
