@@ -300,6 +300,11 @@ def torchrun(argv: list[str]) -> int:
     try:
         run(argv)
     except ChildFailedError as exc:
+        from localearn.peers import dead_rank_line
+
+        line = dead_rank_line(exc.failures)
+        if line:
+            print(f"localearn: error: {line}", file=sys.stderr, flush=True)
         _, failure = exc.get_first_failure()
         code = failure.exitcode
         return code if code > 0 else 128 - code if code < 0 else 1

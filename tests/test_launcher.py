@@ -101,3 +101,46 @@ def test_a_bad_timeout_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("localearn: error: LOCALEARN_TIMEOUT='abc'")
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_a_killed_worker_is_named_in_one_line_and_the_job_stops(tmp_path: Path) -> None:
+    marker = f"LOCALEARN_TEST_MARK={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOCALEARN_TIMEOUT="60", **{name: value})
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "localearn", "fit", "--nproc", "2", "--rule", "dgl", "--k",
+           "2", "--train-limit", "256", "--test-limit", "64", "--batch-size", "16",
+           "--epochs", "50", "--device", "cpu", "--no-progress", "--out", str(run)]
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").exists() or b'"step"' not in (
+                run / "metrics.jsonl").read_bytes():  # both ranks are training
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        victim = next(p for p in _workers(marker) if _rank_of(p) == 1)
+        os.kill(victim, signal.SIGKILL)
+        _, err = job.communicate(timeout=90)  # prompt: not the collective timeout of 60 s x N
+    finally:
+        for pid in _marked(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    assert job.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert "Traceback" not in err and "[rank" not in err, err[-3000:]
+    assert f"rank 1 (pid {victim}) was killed by SIGKILL" in err, err[-3000:]
+    # the survivor says it in one line too (unless the launcher stopped it first)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert all(line.startswith("localearn:") for line in lines), err[-3000:]

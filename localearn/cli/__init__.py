@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from localearn.errors import SameOnEveryRank, UserError
+from localearn.peers import survivor_line
 
 #: the environment variable that lets every command read pipe: URLs (`localearn.data.webdata`)
 PIPE_ENV = "LOCALEARN_ALLOW_PIPE"
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(exc, SameOnEveryRank) and os.environ.get("RANK", "0") != "0"):
             print(f"localearn: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # another process of a torchrun job died: one line
+        line = survivor_line(exc, os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?"))
+        if line is None or "RANK" not in os.environ:
+            raise
+        print(f"localearn: error: {line}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM during fit (TrainingInterrupted)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per process
             print(f"localearn: {getattr(exc, 'message', None) or 'interrupted'}",
