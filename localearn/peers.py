@@ -41,11 +41,12 @@ def survivor_line(exc: BaseException, rank: str, world: str) -> str | None:
 def dead_rank_line(failures: dict[int, Any]) -> str | None:
     """The launcher's line for the workers that died by a signal (torchrun's ``failures``:
     rank -> failure with ``exitcode`` and ``pid``); None when every failed worker exited by
-    itself (it has said why)."""
+    itself (it has said why). SIGTERM is left out: it is how torchrun stops the survivors (a
+    worker given SIGTERM by a person checkpoints and exits with 143 itself)."""
     killed = []
     for rank, failure in sorted(failures.items()):
         code = getattr(failure, "exitcode", 0)
-        if code < 0:
+        if code < 0 and code != -signal.SIGTERM:
             try:
                 name = signal.Signals(-code).name
             except ValueError:

@@ -144,3 +144,24 @@ def test_a_killed_worker_is_named_in_one_line_and_the_job_stops(tmp_path: Path) 
     # the survivor says it in one line too (unless the launcher stopped it first)
     lines = [line for line in err.splitlines() if line.strip()]
     assert all(line.startswith("localearn:") for line in lines), err[-3000:]
+
+
+def test_lost_peers_are_told_from_other_errors() -> None:
+    from types import SimpleNamespace
+
+    from localearn.peers import dead_rank_line, lost_peer, survivor_line
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                        "[127.0.0.1]:1435: Connection reset by peer. This is typically ...")
+    assert lost_peer(gloo) == "Read error [127.0.0.1]:1435: Connection reset by peer. This " \
+                              "is typically ..."
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert lost_peer(ValueError("Connection reset by peer")) is None  # not a collective
+    line = survivor_line(gloo, "0", "2")
+    assert line is not None and line.startswith("rank 0 of 2 lost another process")
+    # torchrun's SIGTERM to the survivors is not a death to report; SIGKILL is
+    fail = {0: SimpleNamespace(exitcode=-15, pid=10), 1: SimpleNamespace(exitcode=-9, pid=11),
+            2: SimpleNamespace(exitcode=1, pid=12)}
+    assert dead_rank_line(fail) == ("rank 1 (pid 11) was killed by SIGKILL; the job stopped "
+                                    "its other processes")
+    assert dead_rank_line({0: SimpleNamespace(exitcode=2, pid=1)}) is None
