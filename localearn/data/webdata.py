@@ -33,33 +33,33 @@ in counters shared by all workers (`ShardStream.skipped`), and reported with a
 since their tar headers are gone too, the count of those (``lost``) is a lower bound. An
 empty shard is reported too. With ``image_size``, an image of another size is resized to it
 (and counted), so one odd sample cannot break a batch.
+
+Shard lists and counts are in `localearn.data.shardlist`, sample decoding in
+`localearn.data.decoding`; both names are importable from here too.
 """
 
 from __future__ import annotations
 
-import glob
-import io
 import multiprocessing
 import random
 import sys
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.transforms.v2.functional import pil_to_tensor
 from webdataset.filters import shuffle as shuffle_stage
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
 
+from localearn.data.decoding import (  # noqa: F401  (IMAGE_KEYS: importable from here too)
+    IMAGE_KEYS,
+    Oversized,
+    decode_rgb,
+    decode_sample,
+    oversized_report,
+)
 from localearn.data.shardio import (  # noqa: F401  (the pipe policy's public names)
     MAX_MEMBER_BYTES,
     PIPE_ENV,
@@ -71,20 +71,22 @@ from localearn.data.shardio import (  # noqa: F401  (the pipe policy's public na
     pipes_from_env,
     rewritten,
 )
+from localearn.data.shardlist import (
+    CorruptDataWarning,
+    Shard,
+    count_samples,
+    expand_shards,
+    plan_shards,
+    shard_members,
+)
 from localearn.errors import UserError
 
 __all__ = ["CorruptDataWarning", "PIPE_ENV", "ShardStream", "count_samples", "decode_rgb",
            "expand_shards", "pipes_allowed"]
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_SCHEMES = ("pipe:", "file:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 # after this many raw samples (or shards) in a row without one usable sample, a resampled
 # stream stops with an error instead of spinning forever on broken data
 _MAX_FAILURES_IN_A_ROW = 10_000
-
-
-class CorruptDataWarning(UserWarning):
-    """A sample or shard was skipped because it could not be read or decoded."""
 
 
 def _warn(msg: str) -> None:
@@ -94,159 +96,6 @@ def _warn(msg: str) -> None:
         warnings.warn(msg, CorruptDataWarning, stacklevel=3)
     else:
         print(f"localearn: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _is_url(spec: str) -> bool:
-    return spec.startswith(_SCHEMES)
-
-
-def expand_shards(spec: str | Path | Sequence[str | Path], base: Path | None = None, *,
-                  allow_pipe: bool = True) -> list[str]:
-    """Shard URLs from brace patterns (``a-{000..009}.tar``), globs (local paths only), lists
-    and ``pipe:``/``http`` URLs; relative local paths are taken relative to ``base`` and
-    every local path is made absolute (so no file name is ever read as a URL). A ``pipe:`` URL
-    is a `UserError` unless ``allow_pipe``; a ``Path`` is always a local path. URLs are
-    returned (and checked) after webdataset's ``GOPEN_REWRITE`` rules, and opened as such."""
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    out: list[str] = []
-    for s in specs:
-        if isinstance(s, Path):  # a path found on disk: never a URL, never a pattern
-            out.append(str(s.expanduser().absolute()))
-            continue
-        for url in expand_urls(s):
-            given = url
-            if _is_url(url):  # checked as webdataset will open it: GOPEN_REWRITE applied
-                url = rewritten(url)
-            if url.startswith("file:"):
-                url = url2pathname(urlparse(url).path)
-            elif _is_url(url):
-                check_url(url, allow_pipe, given)
-                out.append(url)
-                continue
-            path = Path(url).expanduser()
-            if base is not None and not path.is_absolute():
-                path = Path(base) / path
-            path = path.absolute()
-            if glob.has_magic(str(path)):
-                out.extend(sorted(glob.glob(str(path))))
-            else:
-                out.append(str(path))
-    return out
-
-
-def _open(url: str) -> Any:
-    """A binary stream of one shard: a local path as a plain file (never through a URL
-    handler), a URL (from `expand_shards`: rewritten already) through webdataset's handler,
-    whose refusals become one `UserError` line."""
-    if not _is_url(url):
-        return open(url, "rb")
-    return open_url(url)
-
-
-def _close(stream: Any) -> None:
-    if stream is not None:
-        stream.close()
-
-
-def _iter_members(url: str, max_bytes: int | None = MAX_MEMBER_BYTES,
-                  oversized: Callable[[str, int], None] | None = None,
-                  ) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) for every regular file of one shard, in tar order; members over
-    ``max_bytes`` are skipped unread and passed to ``oversized``."""
-    stream = _open(url)
-    finished = False
-    try:
-        yield from iter_members(stream, max_bytes, oversized, base_plus_ext)
-        finished = True
-    finally:
-        try:
-            _close(stream)
-        except Exception:
-            if finished:  # a pipe that exits with an error after its last byte: a bad shard
-                raise
-
-
-_COUNT_CACHE: dict[tuple, int] = {}
-#: shards whose count stopped at damage (their true size is unknown: it is at least the count)
-_DAMAGED: set[str] = set()
-
-
-def count_samples(url: str) -> int:
-    """Number of samples (distinct keys) in one shard, read from the tar headers only.
-
-    Local files are cached by path, size and modification time. A shard that breaks part way
-    counts the samples before the break (with a warning)."""
-    local = not _is_url(url)
-    if local:
-        p = Path(url)
-        if not p.is_file():
-            raise UserError(f"shard {url!r} does not exist")
-        st = p.stat()
-        cache_key: tuple = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    else:
-        cache_key = (url,)
-    if cache_key in _COUNT_CACHE:
-        return _COUNT_CACHE[cache_key]
-    keys: set[str] = set()
-
-    def add(tar: tarfile.TarFile) -> None:
-        for m in tar:
-            key, _ = base_plus_ext(m.name)
-            if m.isreg() and key is not None and not Path(m.name).name.startswith("__"):
-                keys.add(key)
-
-    try:
-        if local and not url.endswith((".gz", ".bz2", ".xz", ".zst")):
-            with tarfile.open(url, mode="r:") as tar:  # seekable: skips over the data
-                add(tar)
-        else:
-            stream = _open(url)
-            try:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    add(tar)
-            finally:
-                try:
-                    _close(stream)
-                except Exception:
-                    pass
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        warnings.warn(f"shard {url} is damaged ({exc}); counting {len(keys)} samples before "
-                      "the damage (it held at least that many)", CorruptDataWarning,
-                      stacklevel=2)
-        _DAMAGED.add(url)
-    _COUNT_CACHE[cache_key] = len(keys)
-    return len(keys)
-
-
-class _Oversized(str):
-    """A report of shard members skipped for their size (counted apart from damage)."""
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.4g} MiB"
-
-
-def decode_rgb(data: bytes) -> Tensor:
-    """An encoded image (any format PIL reads) as a uint8 (3, H, W) RGB tensor; truncated or
-    unreadable data raises. (PIL, not torchvision.io, whose decoders are deprecated.)"""
-    with Image.open(io.BytesIO(data)) as img:
-        return pil_to_tensor(img.convert("RGB"))
-
-
-def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """A uint8 (3, H, W) image resized (bilinear, antialiased) to ``size``."""
-    out = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear",
-                                          antialias=True, align_corners=False)[0]
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
-@dataclass
-class _Shard:
-    url: str
-    count: int  # samples per epoch from this shard (exact when ``exact``)
-    exact: bool
-    cap: int | None = None  # read no more than this many samples (``limit``)
-    damaged: bool = False  # its count stopped at damage: samples after it are not counted
 
 
 class ShardStream(IterableDataset):
@@ -305,47 +154,13 @@ class ShardStream(IterableDataset):
                            else tuple(image_size) if image_size is not None else None)
         self.epoch = 0
         self._rank: tuple[int, int] | None = None
-        self.shards = self._plan(urls, samples, limit)
+        self.shards = plan_shards(urls, samples, limit)
         # skipped samples, unreadable shards, samples lost in them, usable samples delivered,
         # images resized to image_size, members over max_member_bytes skipped
         self._stats = multiprocessing.get_context().Array("q", 6)
         self._reported = (0, 0, 0)
 
-    # ----------------------------------------------------------------------------- planning
-    @staticmethod
-    def _plan(urls: list[str], samples: int | None, limit: int | None) -> list[_Shard]:
-        """Per-shard counts (counted, or an even split of ``samples``) and the ``limit`` cut."""
-        shards: list[_Shard] = []
-        if samples is None or limit is not None:
-            total = 0
-            for url in urls:
-                if limit is not None and total >= limit:
-                    break
-                n = count_samples(url)
-                if n == 0:
-                    warnings.warn(f"shard {url} holds no samples; it is left out",
-                                  CorruptDataWarning, stacklevel=3)
-                shards.append(_Shard(url, n, True, damaged=url in _DAMAGED))
-                total += n
-        else:
-            small, extra = divmod(samples, len(urls))
-            shards = [_Shard(u, small + (i < extra), False) for i, u in enumerate(urls)]
-        if limit is not None:
-            kept, total = [], 0
-            for s in shards:
-                if total >= limit:
-                    break
-                if total + s.count > limit:
-                    s.cap = s.count = limit - total
-                kept.append(s)
-                total += s.count
-            shards = kept
-        shards = [s for s in shards if s.count > 0]
-        if not shards:
-            raise UserError(f"no samples found in {len(urls)} shard(s) starting with "
-                            f"{urls[0]!r}")
-        return shards
-
+    # ---------------------------------------------------------------------- epochs and ranks
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (it seeds the shard order and shuffle); reports skips so far."""
         self.report()
@@ -406,13 +221,13 @@ class ShardStream(IterableDataset):
             self._stats[index] += n
 
     # ---------------------------------------------------------------------------- iteration
-    def _read_shard(self, shard: _Shard, log: Callable[[str], None]) -> Iterator[dict]:
+    def _read_shard(self, shard: Shard, log: Callable[[str], None]) -> Iterator[dict]:
         """The raw samples of one shard; stops at ``cap`` or at the first unreadable byte."""
         seen = 0
         current: dict[str, Any] | None = None
         big: list[tuple[str, int]] = []
-        members = _iter_members(shard.url, self.max_member_bytes,
-                                lambda name, size: big.append((name, size)))
+        members = shard_members(shard.url, self.max_member_bytes,
+                               lambda name, size: big.append((name, size)))
         try:
             for key, ext, data in members:
                 if current is not None and key != current["__key__"]:
@@ -451,27 +266,11 @@ class ShardStream(IterableDataset):
             members.close()  # closes the file or pipe at once when stopping at ``cap``
             if big:
                 self._add(5, len(big))
-                cap = self.max_member_bytes or 0
-                log(_Oversized(f"shard {shard.url}: skipped {len(big)} member(s) larger than "
-                               f"{_mib(cap)} without reading them (e.g. {big[0][0]}, "
-                               f"{_mib(big[0][1])}); raise max_member_mb in the data's "
-                               "manifest to read them"))
+                log(oversized_report(shard.url, big, self.max_member_bytes or 0))
 
     def _decode(self, sample: dict[str, Any]) -> tuple[Tensor, int, bool]:
         """The transformed image, its label, and whether it was resized to ``image_size``."""
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
-            raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
-        if "cls" not in sample:
-            raise ValueError("no cls label")
-        label = int(sample["cls"].decode("ascii").strip())
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise ValueError(f"label {label} is outside 0..{(self.num_classes or 1) - 1}")
-        image = decode_rgb(sample[image_key])
-        resized = self.image_size is not None and tuple(image.shape[-2:]) != self.image_size
-        if resized:
-            image = _resize(image, self.image_size)
-        return self.transform(image), label, resized
+        return decode_sample(sample, self.transform, self.num_classes, self.image_size)
 
     def _raw(self, rank: int, world: int, worker: int, workers: int,
              log: Callable[[str], None]) -> Iterator[dict]:
@@ -509,7 +308,7 @@ class ShardStream(IterableDataset):
         def log(msg: str) -> None:
             nonlocal warned, big_here
             warned += 1
-            big_here += isinstance(msg, _Oversized)
+            big_here += isinstance(msg, Oversized)
             if warned <= self.max_warnings:
                 _warn(msg)
             elif warned == self.max_warnings + 1:
