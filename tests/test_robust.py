@@ -269,6 +269,27 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, monkeypatch):
     assert checkpoint.read(step1)["step"] == 1
 
 
+def test_a_full_disk_run_resumed_with_keep_checkpoints_1_makes_progress(tmp_path,
+                                                                          monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def disk_of_three(obj, f, *args, **kwargs):  # room for three checkpoint files
+        if len(checkpoint.list_checkpoints(out)) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_of_three)
+    # 4 steps an epoch, a checkpoint each step, three kept: the fourth finds the disk full
+    with pytest.raises(UserError, match="no space left"):
+        Trainer(tiny_cfg(out, train_limit=128, checkpoint_every=1, keep_checkpoints=3)).fit()
+    assert checkpoint.list_checkpoints(out) == [checkpoint.step_path(out, n) for n in (1, 2, 3)]
+    # resumed keeping one: the older two make room before the next is written
+    result = Trainer(tiny_cfg(out, train_limit=128, checkpoint_every=1, keep_checkpoints=1,
+                              resume=str(checkpoint.step_path(out, 3)))).fit()
+    assert result.step == 4 and (out / "checkpoint.pt").is_file()
+
+
 # ---------------------------------------------------------------------- one clear line
 @pytest.mark.parametrize("args,message", [
     (["--rule", "dgl(width=nan)"], "bad value 'nan' for option 'width'"),

@@ -45,11 +45,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (and stale temporary files)."""
+def prune(run_dir: Path, keep: int, spare: Path | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (and stale temporary files); ``spare``
+    (the checkpoint a run continues from) is never deleted."""
     files = list_checkpoints(run_dir)
     for old in files[:-keep] if keep > 0 else files:
-        old.unlink(missing_ok=True)
+        if spare is None or old.resolve() != spare.resolve():
+            old.unlink(missing_ok=True)
     for tmp in checkpoint_dir(run_dir).glob(".step-*.pt.tmp"):
         tmp.unlink(missing_ok=True)
 

@@ -91,6 +91,9 @@ class CheckpointManager:
             state = self.state_dict()
             state["rng"] = rngs
             try:
+                # room first: checkpoints beyond ``keep`` (a run resumed with a lower
+                # --keep-checkpoints, say on a full disk) go before the new one is written
+                rundir.prune(rundir.run_dir_of(path), keep, spare=self.last)
                 atomic_save(state, path)
                 rundir.prune(rundir.run_dir_of(path), keep)
             except WriteFailed as exc:
