@@ -97,6 +97,10 @@ def load_data(cfg: FitConfig) -> DataSplits:
                        test_limit=cfg.test_limit, seed=cfg.seed)
     if not data.info.name:
         data.info = dataclasses.replace(data.info, name=cfg.dataset)
+    if cfg.val_split is not None:
+        from localearn.data.holdout import hold_out
+
+        data = hold_out(data, cfg.val_split)
     return data
 
 

@@ -43,6 +43,10 @@ class FitConfig(BaseModel):
     download: bool = Field(False, description="let torchvision download the dataset")
     train_limit: int | None = Field(None, ge=1, description="train on the first N images only")
     test_limit: int | None = Field(None, ge=1, description="test on the first N images only")
+    val_split: float | None = Field(
+        None, gt=0, description="hold out N training images (N >= 1) or this share of them "
+        "(0 < N < 1) as a validation set, the same for every seed; the best epoch is then "
+        "chosen on it, not on the test set")
     epochs: int = Field(10, ge=1, description="passes over the training set")
     batch_size: int = Field(128, ge=1, description="images per step (per process)")
     lr: float = Field(0.1, gt=0, description="peak learning rate (SGD)")
@@ -147,6 +151,14 @@ class FitConfig(BaseModel):
         if isinstance(v, list) and any(isinstance(x, int) and not -SEED_MAX - 1 <= x <= SEED_MAX
                                        for x in v):
             raise ValueError(f"seeds must lie in -2**63..2**63-1 (got {v})")
+        return v
+
+    @field_validator("val_split")
+    @classmethod
+    def _val_split(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError(f"{v} is neither a count of images (a whole number) nor a share "
+                             "of the training set (between 0 and 1)")
         return v
 
     @field_validator("lr", "weight_decay", "warmup_lr")

@@ -25,9 +25,14 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 
 @dataclass
 class DataSplits:
+    """The training and test sets; ``val``: a validation set held out of the training set
+    (``--val-split``, see `localearn.data.holdout`), ``val_digest`` naming which images."""
+
     train: Dataset
     test: Dataset
     info: DataInfo
+    val: Dataset | None = None
+    val_digest: str | None = None
 
 
 class TensorImages(Dataset):

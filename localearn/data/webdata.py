@@ -40,10 +40,12 @@ Shard lists and counts are in `localearn.data.shardlist`, sample decoding in
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import random
 import sys
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -159,6 +161,28 @@ class ShardStream(IterableDataset):
         # images resized to image_size, members over max_member_bytes skipped
         self._stats = multiprocessing.get_context().Array("q", 6)
         self._reported = (0, 0, 0)
+        self.held_out: tuple[str, float] | None = None  # see `part`
+
+    # ---------------------------------------------------------------- a validation split
+    def part(self, which: Literal["train", "val"], share: float,
+             transform: Callable[[Tensor], Tensor] | None = None) -> ShardStream:
+        """This stream's training part or its held-out validation part (``share`` of the
+        samples, chosen by a hash of their keys; see `localearn.data.holdout`); the
+        validation part is read in order, with ``transform``."""
+        view = copy.copy(self)
+        view.held_out = (which, share)
+        view._stats = multiprocessing.get_context().Array("q", 6)
+        view._reported = (0, 0, 0)
+        if which == "val":
+            view.train, view.shuffle, view.resample = False, 0, False
+            view.transform = transform or self.transform
+        return view
+
+    def _kept(self, key: str) -> bool:
+        if self.held_out is None:
+            return True
+        which, share = self.held_out
+        return (zlib.crc32(f"val-{key}".encode()) / 2**32 < share) == (which == "val")
 
     # ---------------------------------------------------------------------- epochs and ranks
     def set_epoch(self, epoch: int) -> None:
@@ -187,8 +211,13 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         rank, world = self._rank_world()
         if self.resampled():
-            return sum(s.count for s in self.shards) // world
-        return sum(s.count for s in self.shards[rank::world])
+            n = sum(s.count for s in self.shards) // world
+        else:
+            n = sum(s.count for s in self.shards[rank::world])
+        if self.held_out is not None:  # the expected size of this part
+            which, share = self.held_out
+            n = int(n * (share if which == "val" else 1 - share))
+        return n
 
     # ---------------------------------------------------------------------------- reporting
     @property
@@ -316,6 +345,8 @@ class ShardStream(IterableDataset):
                       "epoch; totals follow")
 
         raw = self._raw(rank, world, worker, workers, log)
+        if self.held_out is not None:
+            raw = (sample for sample in raw if self._kept(sample["__key__"]))
         if self.shuffle > 1:
             rng = random.Random(f"samples-{self.seed}-{self.epoch}-{rank}-{worker}")
             raw = shuffle_stage(self.shuffle, self.shuffle, rng=rng)(raw)

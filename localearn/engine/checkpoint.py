@@ -66,7 +66,7 @@ REQUIRED = ("format", "version", "config", "step", "epoch", "batch_in_epoch", "e
 #: settings that define what is trained: a checkpoint with other values cannot be loaded
 STRUCTURE = ("rule", "model", "k", "split", "dataset")
 #: settings that fix which samples make up each step: may change only at an epoch boundary
-DATA_LAYOUT = ("batch_size", "train_limit", "seed", "drop_last")
+DATA_LAYOUT = ("batch_size", "train_limit", "seed", "drop_last", "val_split")
 #: settings that change the trajectory: allowed, with a notice that the run is no longer exact
 TRAJECTORY = ("epochs", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
               "warmup_lr", "precision", "schedule")

@@ -1,7 +1,7 @@
-"""The batches of each epoch: the training and test loaders a run reads, sharded as the
-parallel strategy says, and the epoch's batches after a resume (a shard sampler seeks; a stream
-is read up to the resume point and its random state put back). A later pipelined stage reads
-nothing: its batches arrive with the activations."""
+"""The batches of each epoch: the training, test (and validation) loaders a run reads,
+sharded as the parallel strategy says, and the epoch's batches after a resume (a shard sampler
+seeks; a stream is read up to the resume point and its random state put back). A later
+pipelined stage reads nothing: its batches arrive with the activations."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class BatchFeed:
         self.test: DataLoader = make_loader(data.test, batch_size=max(256, cfg.batch_size),
                                             train=False, workers=cfg.workers, rank=env.rank,
                                             world_size=env.world_size, pin_memory=pin)
+        self.val: DataLoader | None = None if data.val is None else make_loader(
+            data.val, batch_size=max(256, cfg.batch_size), train=False, workers=cfg.workers,
+            rank=env.rank, world_size=env.world_size, pin_memory=pin)
         self.planned = len(self.train)
         if self.planned == 0:
             raise UserError(f"no training batches: {len(data.train)} images for "

@@ -170,9 +170,11 @@ class Trainer(EpochLoop, RunFiles):
         self.log.start(cfg.model_dump(mode="json"), self.history, self.step)
         if env.is_main:
             procs = f", {env.world_size} processes" if env.enabled else ""
+            held = ("" if self.data.val is None else f" ({len(self.data.val)} training images "
+                    "held out for validation)")
             LOGGER.info(f"training {self.rule.expression} on {cfg.model} (K={self.net.k}) "
                         f"with {cfg.dataset}: {len(self.data.train)} train / "
-                        f"{len(self.data.test)} test images, device {self.device}{procs}, "
+                        f"{len(self.data.test)} test images{held}, device {self.device}{procs}, "
                         f"precision {cfg.precision}; run folder {cfg.output_dir}")
         self._bar = tqdm(total=self.total_steps, initial=min(self.step, self.total_steps),
                          leave=False, dynamic_ncols=True, unit="step",
@@ -184,22 +186,25 @@ class Trainer(EpochLoop, RunFiles):
         self._sync_buffers()
         dist_.check_replicas([*self.net.named_parameters(), *self.aux.named_parameters()],
                              self.device, env)
-        row["test_acc"] = evaluate(self.net, self.test_loader, self.device,
-                                   precision=cfg.precision, channels_last=cfg.channels_last,
-                                   env=env)
+        for name, loader in (("val_acc", self.feed.val), ("test_acc", self.test_loader)):
+            if loader is not None:
+                row[name] = evaluate(self.net, loader, self.device, precision=cfg.precision,
+                                     channels_last=cfg.channels_last, env=env)
         self.state.epoch_done = True
         self.history.append(row)
         row["best_test_acc"], row["best_epoch"] = best_of(self.history)
         self.log.epoch(row)
         if env.is_main:
             self._bar.clear()
+            val = f"val acc {row['val_acc']:.2%}  " if "val_acc" in row else ""
             LOGGER.info(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
-                        f"train acc {row['train_acc']:.2%}  test acc {row['test_acc']:.2%}  "
+                        f"train acc {row['train_acc']:.2%}  {val}test acc "
+                        f"{row['test_acc']:.2%}  "
                         f"({row['epoch_time']:.1f}s, {row['images_per_s']:.0f} img/s)")
         self.save_checkpoint()
         saved = self.last_checkpoint
         if row["best_epoch"] == epoch and env.is_main and saved is not None:
-            atomic_copy(saved, cfg.output_dir / "best.pt")  # the best epoch so far, kept apart
+            atomic_copy(saved, cfg.output_dir / "best.pt")  # the best epoch so far (on val)
 
     def _finish(self) -> FitResult:
         """The final checkpoint, the result and ``summary.json``."""

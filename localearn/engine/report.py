@@ -69,9 +69,27 @@ class FitResult:
 
 
 def best_of(history: list[dict]) -> tuple[float, int]:
-    """The best test accuracy in ``history`` and its epoch (the earliest on a tie)."""
-    best = max(history, key=lambda r: (r["test_acc"], -r["epoch"]))
+    """The best epoch of ``history`` (the earliest on a tie) and its test accuracy: chosen on
+    validation accuracy when the run holds a validation set out, else on test accuracy (what
+    the public code logs as its best)."""
+    key = "val_acc" if history and "val_acc" in history[-1] else "test_acc"
+    best = max(history, key=lambda r: (r.get(key, -1.0), -r["epoch"]))
     return best["test_acc"], best["epoch"]
+
+
+def selected_on(history: list[dict]) -> str:
+    """What the best epoch was chosen on: ``validation`` or ``test``."""
+    return "validation" if history and "val_acc" in history[-1] else "test"
+
+
+def validation_summary(trainer: Any, result: FitResult) -> dict[str, Any]:
+    """The validation figures of a run that held a validation set out (else nothing)."""
+    rows = result.history
+    if not rows or "val_acc" not in rows[-1]:
+        return {}
+    best = next(r for r in rows if r["epoch"] == result.best_epoch)
+    return {"best_val_acc": best["val_acc"], "last_val_acc": rows[-1]["val_acc"],
+            "val_images": len(trainer.data.val), "val_digest": trainer.data.val_digest}
 
 
 def run_summary(trainer: Any, result: FitResult) -> dict[str, Any]:
@@ -86,7 +104,9 @@ def run_summary(trainer: Any, result: FitResult) -> dict[str, Any]:
         "rule": trainer.rule.expression, "model": cfg.model, "k": trainer.net.k,
         "dataset": cfg.dataset, "seed": cfg.seed, "epochs": len(rows), "steps": trainer.step,
         "last_test_acc": result.test_acc, "best_test_acc": result.best_test_acc,
-        "best_epoch": result.best_epoch, "final_train_loss": result.train_loss,
+        "best_epoch": result.best_epoch, "best_selected_on": selected_on(rows),
+        **validation_summary(trainer, result),
+        "final_train_loss": result.train_loss,
         "parameters": parameters_by_role(trainer.net, trainer.rule.aux_groups(trainer.aux)),
         "train_time_s": train_time,  # the epochs' training time (all sessions of a resume)
         "wall_time_s": time.perf_counter() - trainer.started,  # this session, start to end
@@ -105,13 +125,20 @@ def run_summary(trainer: Any, result: FitResult) -> dict[str, Any]:
     }
 
 
+def best_text(s: dict[str, Any]) -> str:
+    """The best epoch's test accuracy, saying what chose it."""
+    if s.get("best_selected_on") == "validation":
+        return (f"{s['best_test_acc']:.2%} at the best validation epoch {s['best_epoch']} "
+                f"(validation {s['best_val_acc']:.2%})")
+    return f"best {s['best_test_acc']:.2%} (epoch {s['best_epoch']})"
+
+
 def summary_text(s: dict[str, Any]) -> str:
     """The summary's main figures in a few lines, for the console."""
     params = ", ".join(f"{role} {n / 1e6:.3g}M" for role, n in s["parameters"].items())
     return (f"summary: {s['rule']} on {s['model']} (K={s['k']}), {s['dataset']}, "
             f"{s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}\n"
-            f"  test accuracy: last {s['last_test_acc']:.2%}, best {s['best_test_acc']:.2%} "
-            f"(epoch {s['best_epoch']})\n"
+            f"  test accuracy: last {s['last_test_acc']:.2%}, {best_text(s)}\n"
             f"  parameters: {params}\n"
             f"  time: {s['train_time_s']:.1f}s training, {s['wall_time_s']:.1f}s wall; "
             f"{s['images_per_s']:.0f} img/s; peak memory {s['peak_mem_mb']:.0f} MiB")
