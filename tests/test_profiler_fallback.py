@@ -1,12 +1,12 @@
-"""`localearn.measure`'s CPU peak from the profiler: the private raw results while torch has
-them, the public ``prof.events()`` when it does not."""
+"""`localearn.measure_bytes`'s CPU peak from the profiler: the private raw results while torch
+has them, the public ``prof.events()`` when it does not."""
 
 from __future__ import annotations
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from localearn import measure
+from localearn import measure_bytes
 from localearn.measure import cpu_memory_source, cpu_peak, replay_peak
 
 MB = 1_000_000
@@ -48,7 +48,7 @@ def test_without_them_the_public_events_give_the_same_peak(monkeypatch):
 
 def test_cpu_peak_runs_on_the_fallback_when_the_private_path_is_gone(monkeypatch):
     sources = []
-    real_exit, real_source = profile.__exit__, measure.cpu_memory_source
+    real_exit, real_source = profile.__exit__, measure_bytes.cpu_memory_source
 
     def exit_without_private(self, *exc):  # a torch that keeps no raw results
         real_exit(self, *exc)
@@ -61,7 +61,7 @@ def test_cpu_peak_runs_on_the_fallback_when_the_private_path_is_gone(monkeypatch
         return events, source
 
     monkeypatch.setattr(profile, "__exit__", exit_without_private)
-    monkeypatch.setattr(measure, "cpu_memory_source", recording)
+    monkeypatch.setattr(measure_bytes, "cpu_memory_source", recording)
     kept, peak = cpu_peak(allocate)
     assert sources == ["events"] and kept.numel() == 2 * MB
     assert 10 * MB <= peak < 10 * MB + 100_000
