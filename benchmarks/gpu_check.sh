@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU evidence in one markdown report: the device, the GPU tests, `localearn memory` at the
-# paper's Table III settings, `localearn bench` for bp/dgl/mlaan(dgl) and a short CIFAR-10
-# training of bp and mlaan(dgl) with --data-on-device. Sized for under 8 minutes on one H100.
+# paper's Table III settings, `localearn bench` for bp/dgl/mlaan(dgl), `localearn frontier` (its
+# PNG beside the report) and a short CIFAR-10 training of bp and mlaan(dgl) with
+# --data-on-device. Sized for under 8 minutes on one H100.
 #
 #   benchmarks/gpu_check.sh [REPORT] [DATA_DIR]
 #     REPORT    the markdown file to write (default: gpu-report.md)
@@ -17,6 +18,7 @@ set -u -o pipefail
 here=$(pwd)
 abs() { case "$1" in /*) echo "$1" ;; *) echo "$here/$1" ;; esac; }
 REPORT=$(abs "${1:-gpu-report.md}")
+PLANE="${REPORT%.md}-frontier.png"
 DATA=$(abs "${2:-../shared/data/cifar10}")
 cd "$(dirname "$0")/.." || exit 2
 if [ -z "${PYTHON:-}" ]; then
@@ -33,6 +35,7 @@ if [ "$TINY" = 1 ]; then
     MEMORY_CONFIGS=(examples/configs/table3/cifar10-resnet32-mlaan.toml)
     MEMORY_EXTRA=(--batch-size 4 --steps 1 --no-rss-pass)
     BENCH=(--batch-size 4 --warmup 1 --steps 2)
+    FRONTIER=(--rule bp --rule dgl --k 4 --batch-size 4 --memory-steps 1 --warmup 0 --steps 1)
     FIT=(--epochs 1 --batch-size 32 --train-limit 96 --test-limit 64 --workers 0)
     FIT_K=4
 else
@@ -40,6 +43,7 @@ else
     MEMORY_CONFIGS=(examples/configs/table3/*.toml)
     MEMORY_EXTRA=()
     BENCH=(--batch-size 1024 --warmup 3 --steps 10)
+    FRONTIER=(--k 16 --batch-size 1024 --warmup 3 --steps 10)
     FIT=(--epochs "${FIT_EPOCHS:-2}" --batch-size 128 --workers "${WORKERS:-8}")
     FIT_K=16
 fi
@@ -136,6 +140,12 @@ run "bench: dgl vs bp" "$PYTHON" -m localearn bench --rule dgl --model resnet32 
     --vs bp "${BENCH[@]}" --device "$DEVICE"
 run "bench: mlaan(dgl) vs bp" "$PYTHON" -m localearn bench --rule "mlaan(dgl)" \
     --model resnet32 --k 16 --vs bp "${BENCH[@]}" --device "$DEVICE"
+
+say "## Memory and time against BP: localearn frontier" ""
+say "Peak memory (as \`localearn memory\`) and step time (as \`localearn bench\`) of each rule" \
+    "against BP, ResNet-32; the plane is in \`$(basename "$PLANE")\` beside this report." ""
+run "frontier" "$PYTHON" -m localearn frontier --model resnet32 "${FRONTIER[@]}" \
+    --device "$DEVICE" -o "$PLANE" --overwrite
 
 say "## CIFAR-10 training with --data-on-device" ""
 say "ResNet-32 on the CIFAR-10 shards in \`$DATA\`, training images kept on the device." ""

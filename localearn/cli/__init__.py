@@ -1,5 +1,6 @@
 """The ``localearn`` command: ``fit``, ``rules``, ``models``, ``datasets``, ``plot``, ``export``,
-``analyze``, ``evaluate``, ``predict``, ``memory``, ``bench``, ``data``, ``table``.
+``analyze``, ``evaluate``, ``predict``, ``memory``, ``bench``, ``frontier``, ``data``,
+``table``.
 
 User mistakes print one line, ``localearn: error: ...``, and exit with code 2.
 """
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_commands(sub)  # rules [NAME], models, datasets
     from localearn.cli.measure import add_commands as add_measure_commands
 
-    add_measure_commands(sub)  # memory, bench
+    add_measure_commands(sub)  # memory, bench, frontier
     from localearn.cli.run import add_commands as add_run_commands
 
     add_run_commands(sub)  # plot, export, predict

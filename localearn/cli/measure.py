@@ -1,16 +1,24 @@
-"""The ``localearn memory`` and ``localearn bench`` subcommands (logic in `localearn.measure`)."""
+"""The ``localearn memory``, ``localearn bench`` and ``localearn frontier`` subcommands (logic
+in `localearn.measure` and `localearn.frontier`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from localearn.cli.common import JSON_HELP
 
+#: what ``frontier`` measures without --rule (`localearn.frontier.DEFAULT_RULES`, kept here so
+#: that --help does not import torch)
+FRONTIER_RULES = ("bp", "bp(checkpoint=sqrt)", "dgl", "infopro", "auglocal", "man(dgl)",
+                  "hpff(dgl)", "mlaan(dgl)", "mlaan(dgl, recompute=true)")
 
-def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--rule", default="dgl", help="rule expression (default: dgl)")
+
+def _common(p: argparse.ArgumentParser, batch_size: int, *, rule: bool = True) -> None:
+    if rule:
+        p.add_argument("--rule", default="dgl", help="rule expression (default: dgl)")
     p.add_argument("--model", default="resnet32", help="registered model (default: resnet32)")
     p.add_argument("--k", type=int, help="number of local modules K (default: the rule's)")
     p.add_argument("--split", default="even",
@@ -29,16 +37,17 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="32 (default), bf16 or 16: autocast, as in fit")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for model and inputs, as in fit")
-    p.add_argument("--vs-k", type=int,
-                   help="K of the baseline (default: --k if the baseline accepts it, else its "
-                        "own default)")
+    if rule:
+        p.add_argument("--vs-k", type=int,
+                       help="K of the baseline (default: --k if the baseline accepts it, else "
+                            "its own default)")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace, rule: str | None = None):
     from localearn.measure import make_spec
 
-    return make_spec(rule=args.rule, model=args.model, k=args.k, split=args.split,
+    return make_spec(rule=rule or args.rule, model=args.model, k=args.k, split=args.split,
                      batch_size=args.batch_size, input_size=args.input_size,
                      num_classes=args.num_classes, device=args.device, seed=args.seed,
                      precision=args.precision, channels_last=args.channels_last)
@@ -88,8 +97,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from localearn.frontier import format_frontier, measure_frontier, plot_frontier
+    from localearn.outputs import check_outputs
+
+    targets = [(flag, path, png) for flag, path, png in
+               (("-o", args.output, True), ("--json-out", args.json_out, False)) if path]
+    check_outputs(targets, overwrite=args.overwrite)  # before the work, not after
+    report = measure_frontier(_spec(args, rule="bp"), args.rule or FRONTIER_RULES,
+                              memory_steps=args.memory_steps, warmup=args.warmup,
+                              steps=args.steps, progress=_progress(args))
+    data = report.model_dump(mode="json")
+    print(json.dumps(data, indent=2) if args.json else format_frontier(report))
+    if args.json_out:
+        from localearn.engine.checkpoint import atomic_write_text
+        from localearn.outputs import protect
+
+        protect(args.json_out, "--json-out")
+        atomic_write_text(args.json_out, json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json_out}", file=sys.stderr, flush=True)
+    if args.output:
+        print(f"wrote {plot_frontier(report, args.output)}", file=sys.stderr, flush=True)
+    return 0
+
+
 def add_commands(subparsers) -> None:
-    """Add ``memory`` and ``bench`` to the ``localearn`` command's subparsers."""
+    """Add ``memory``, ``bench`` and ``frontier`` to the ``localearn`` command's subparsers."""
     mem = subparsers.add_parser(
         "memory", help="peak training memory and bytes by role (each run in a fresh process)",
         description="Run real training steps on synthetic data and report parameter bytes by "
@@ -126,3 +159,29 @@ def add_commands(subparsers) -> None:
     b.add_argument("--threads", type=int, default=1,
                    help="with --stages: threads per process (default: 1)")
     b.set_defaults(func=cmd_bench)
+
+    f = subparsers.add_parser(
+        "frontier", help="peak memory and step time of several rules against BP, as a table "
+                         "and a picture",
+        description="Measure every rule on one setting with the memory measurement of "
+                    "'localearn memory' (each rule in a fresh process) and the step time of "
+                    "'localearn bench' (each rule interleaved with BP), both as ratios to BP "
+                    "measured in the same call; print the table, and draw the memory-time "
+                    "plane with -o.")
+    f.add_argument("--rule", action="append", metavar="RULE",
+                   help="a rule expression; repeat for several, e.g. --rule dgl --rule "
+                        "'mlaan(dgl, recompute=true)'; bp is always measured (default: "
+                        + ", ".join(FRONTIER_RULES) + ")")
+    _common(f, batch_size=128, rule=False)
+    f.add_argument("-o", "--output", type=Path, metavar="FILE.png",
+                   help="PNG of the memory-time plane to write (default: none)")
+    f.add_argument("--json-out", type=Path, metavar="FILE",
+                   help="JSON file to write (the --json report)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never a run's own files)")
+    f.add_argument("--memory-steps", type=int, default=2,
+                   help="training steps of each memory measurement (default: 2)")
+    f.add_argument("--warmup", type=int, default=2, help="warm-up steps each (default: 2)")
+    f.add_argument("--steps", type=int, default=10,
+                   help="timed steps each, interleaved with BP (default: 10)")
+    f.set_defaults(func=cmd_frontier)
