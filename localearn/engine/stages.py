@@ -5,7 +5,8 @@ Balancing times each module as a stage of its own would run it: the rule's own `
 on that one module (`StepContext.modules`), the input a dummy forward gives it, what would come
 back from a next stage replaced by zeros. So the cost of a module includes its heads, what the
 rule attaches to it (MLAAN's leap-augmented module) and the passes of cascades that cross it,
-with nothing rule-specific here.
+with nothing rule-specific here. `localearn.engine.stage_costs` times the modules in
+interleaved rounds and picks the cut that is best across the rounds, so noise does not flip it.
 """
 
 from __future__ import annotations
@@ -128,19 +129,21 @@ def balance(costs: list[float], stages: int) -> list[int]:
     return sorted(starts)[1:]
 
 
+def cuda_sync() -> None:
+    """Wait for queued CUDA work (nothing without CUDA), so wall times include it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], repeats: int = 3) -> float:
     """The median wall time of ``fn()`` after one untimed call (CUDA synchronised)."""
-    def sync() -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
     fn()
     times = []
     for _ in range(repeats):
-        sync()
+        cuda_sync()
         start = time.perf_counter()
         fn()
-        sync()
+        cuda_sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -165,10 +168,12 @@ class _AloneContext(PlainContext):
         return torch.zeros_like(like)
 
 
-def module_costs(rule: UpdateRule, net: SplitNetwork, batch: int = 32) -> list[float]:
-    """The measured time of each module as a stage of its own, through the rule's own step
-    (on copies of the rule and network, so nothing of the run changes). FLOPs would miss what
-    dominates small feature maps on CPUs (batch norm, activations, memory traffic)."""
+def module_steps(rule: UpdateRule, net: SplitNetwork,
+                 batch: int = 32) -> list[Callable[[], object]]:
+    """One call per module that runs it as a stage of its own through the rule's own step, on
+    copies of the rule and network (so nothing of the run changes) and random inputs. Each
+    call holds its module's input (one batch's activations at each module boundary), so the
+    calls can be timed in any order."""
     rule, net = copy.deepcopy((rule, net))
     device = next(net.parameters()).device
     images = torch.randn(batch, *net.input_shape, device=device)
@@ -177,23 +182,33 @@ def module_costs(rule: UpdateRule, net: SplitNetwork, batch: int = 32) -> list[f
     if convs and not convs[0].is_contiguous() and \
             convs[0].is_contiguous(memory_format=torch.channels_last):
         images = images.contiguous(memory_format=torch.channels_last)
-    costs, x = [], images
+    steps, x = [], images
     for i, module in enumerate(net.local_modules):
         ctx = _AloneContext(i, x.detach())
-        costs.append(timed(lambda ctx=ctx: rule.train_step(ctx, net, images, targets)))
+        steps.append(lambda ctx=ctx: rule.train_step(ctx, net, images, targets))
         with torch.no_grad():
             x = module(x)
-    return costs
+    return steps
+
+
+def module_costs(rule: UpdateRule, net: SplitNetwork, batch: int = 32) -> list[float]:
+    """The measured time of each module as a stage of its own (`module_steps`), each timed on
+    its own (`timed`). FLOPs would miss what dominates small feature maps on CPUs (batch norm,
+    activations, memory traffic)."""
+    return [timed(step) for step in module_steps(rule, net, batch)]
 
 
 def plan_cuts(cfg, rule: UpdateRule, net: SplitNetwork, env: dist_.DistEnv) -> list[int]:
     """The modules where stages 1.. start: ``cfg.stage_cuts``, or balanced by time measured on
-    rank 0 (times differ between processes) and broadcast, so every process cuts alike."""
+    rank 0 (times differ between processes; `stage_costs.measured_cuts`) and broadcast, so
+    every process cuts alike."""
     if cfg.stage_cuts:
         return parse_stage_cuts(cfg.stage_cuts, net.k, cfg.stages)
     starts = None
     if env.is_main:
-        starts = balance(module_costs(rule, net, min(cfg.batch_size, 128)), cfg.stages)
+        from localearn.engine.stage_costs import measured_cuts  # it imports this module
+
+        starts = measured_cuts(rule, net, cfg.stages, min(cfg.batch_size, 128))
     try:
         return dist_.broadcast_object(starts, env)
     except RuntimeError:
