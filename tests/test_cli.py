@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from localearn.cli import main
+
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "localearn", *args], capture_output=True,
@@ -63,8 +65,21 @@ def test_listings():
     (["fit", "--epochs", "many"], "invalid int value: 'many'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
-def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
-    r = run(*args, "--output-dir", str(tmp_path)) if args[0] == "fit" else run(*args)
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    # in this process (the same code path as the command; one case below runs the real one)
+    args = [*args, "--output-dir", str(tmp_path)] if args[0] == "fit" else args
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err
+
+
+def test_bad_input_in_a_real_process_is_one_line_exit_2(tmp_path):
+    r = run("fit", "--rule", "dgl(width=wide)", "--output-dir", str(tmp_path))
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert message in r.stderr
+    assert "bad value 'wide' for option 'width'" in r.stderr

@@ -403,17 +403,11 @@ def test_unknown_split_policy_names_the_valid_ones():
 
 
 @pytest.mark.slow
-def test_infopro_k16_learns_digits(tmp_path):
-    cfg = make_config(rule="infopro", model="resnet32", k=16, dataset="digits", epochs=4,
-                      batch_size=64, lr=0.1, progress=False, output_dir=tmp_path, device="cpu")
-    result = fit(cfg)
-    assert result.test_acc > 0.85
-
-
-@pytest.mark.slow
 def test_infopro_k16_learns_cifar10_shards(tmp_path, cifar_shards):
     # 5,000 train images, 2 epochs: 29.0% and 28.8% measured with seeds 0 and 1 (10,000 x 3
-    # epochs gave 40.8% at three times the cost); chance is 10%, the bar 20%
+    # epochs gave 40.8% at three times the cost); chance is 10%, the bar 20%. (A digits run
+    # of InfoPro at K=16, >85% after 4 epochs, was dropped: this one is the stronger evidence
+    # at the suite's time budget.)
     cfg = make_config(rule="infopro", model="resnet32", k=16, dataset="cifar10-shards",
                       data_dir=cifar_shards, train_limit=5000, test_limit=1000, epochs=2,
                       batch_size=128, lr=0.1, progress=False, output_dir=tmp_path,

@@ -7,10 +7,11 @@ from localearn.engine import fit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule,epochs", [("bp", 5), ("dgl", 6)])
+@pytest.mark.parametrize("rule,epochs", [("bp", 5)])
 def test_digits_above_90_percent(rule, epochs, tmp_path):
-    # ResNet-32 (K=16 for dgl), the embedded digits set, batch 64. In an 8-epoch run BP was at
-    # 96.4% after epoch 5 and DGL at 96.2% after epoch 6 (a shorter run anneals sooner).
+    # ResNet-32, the embedded digits set, batch 64. In an 8-epoch run BP was at 96.4% after
+    # epoch 5 (a shorter run anneals sooner). DGL's K=16 run on real data is the CIFAR-10 one
+    # below (on digits it reached 96.2% after 6 epochs).
     cfg = make_config(rule=rule, epochs=epochs, batch_size=64, lr=0.05, progress=False,
                       output_dir=tmp_path)
     result = fit(cfg)
