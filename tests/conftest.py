@@ -5,6 +5,14 @@ import pytest
 
 SHARDS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores: one thread each (and in the processes they
+    # start), or torch's spinning threads would oversubscribe them
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def cifar_shards() -> Path:
