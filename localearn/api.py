@@ -295,6 +295,6 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise UserError(f"{path} lacks the model and num_classes metadata of a localearn "
                         "export; load it with safetensors.torch.load_file")
     info = read_export_metadata(meta)
-    model = registry.load("model", info["model"])(num_classes=info["num_classes"])
+    model = registry.make_model(info["model"], info["num_classes"], info.get("input_shape"))
     model.load_state_dict(weights)
     return model.eval(), info

@@ -135,6 +135,25 @@ def plugin_failure(what: str) -> Iterator[None]:
         raise UserError(f"{what}: {type(exc).__name__}: {exc}{where}") from None
 
 
+@contextlib.contextmanager
+def token_failure(rule: UpdateRule, model: str, net: SplitNetwork) -> Iterator[None]:
+    """A rule whose heads fail on a transformer's (T, D) token boundaries: one `UserError`
+    naming the rule and the model (the heads of most rules take (C, H, W) feature maps)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        tokens = [s for s in net.feature_shapes if len(s) != 3]
+        if not tokens:
+            raise
+        raise UserError(f"rule {rule.expression!r} cannot train model {model!r}: its heads "
+                        "take (C, H, W) feature maps and this model's module boundaries are "
+                        f"(T, D) token sequences {tokens[0]} ({type(exc).__name__}: {exc}); "
+                        "over tokens use bp, dgl or linear (alone or under mlaan or man)") \
+            from None
+
+
 def _check_cpu_fp16() -> None:
     try:
         with torch.autocast("cpu", dtype=torch.float16):
@@ -173,7 +192,8 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
     with plugin_failure(f"{who} failed while building its auxiliary networks (setup, "
                         "make_head: it gets the feature shape (C, H, W) at a module boundary "
                         "and the DataInfo, and must return an AuxHead)"):
-        aux = rule.setup(net, info)
+        with token_failure(rule, cfg.model, net):
+            aux = rule.setup(net, info)
         if not isinstance(aux, nn.Module):
             raise UserError(f"setup returned {type(aux).__name__}, expected one nn.Module "
                             "holding every auxiliary network (nn.ModuleList() for none)")
@@ -236,7 +256,7 @@ def build_network(model: str, k: int | None, rule: UpdateRule, num_classes: int,
                   input_shape: tuple[int, int, int], split: str = "even") -> SplitNetwork:
     """Backbone from the registry, cut into the K the rule agrees to (validated here); the
     rule then learns the network (`UpdateRule.configure`) before it builds any head."""
-    backbone = registry.load("model", model)(num_classes=num_classes)
+    backbone = registry.make_model(model, num_classes, input_shape)
     splitter = find_splitter(backbone, model)
     num_units = len(splitter.units(backbone))
     if k is None:  # a split that fixes K by itself (an explicit cut list) decides it

@@ -181,8 +181,9 @@ class FitConfig(BaseModel):
     @classmethod
     def _known_model(cls, v: str) -> str:
         known = registry.available("model")
-        if v not in known:
-            raise ValueError(f"unknown model {v!r}; registered models: {', '.join(known)}")
+        if not registry.known("model", v):  # family:NAME (timm:NAME) by its family
+            raise ValueError(f"unknown model {v!r}; registered models: {', '.join(known)}; "
+                             f"families: {registry.families() or 'none'}")
         return v
 
     @field_validator("data_dir")

@@ -5,10 +5,16 @@ Groups: ``localearn.rules`` (UpdateRule classes), ``localearn.models`` (backbone
 ``localearn.datasets`` (dataset factories returning `localearn.data.DataSplits`). First-party
 plugins are registered in pyproject.toml exactly as a third-party package registers its own;
 this module imports none of them by name.
+
+Model families (``localearn.model_families``): a model named ``family:NAME`` is the family's
+factory given ``name=NAME`` (``timm:vit_small_patch16_224``). `make_model` passes a model
+factory the data's input shape when it has an ``input_shape`` parameter.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
@@ -21,6 +27,7 @@ GROUPS = {
     "model": "localearn.models",
     "splitter": "localearn.splitters",
     "dataset": "localearn.datasets",
+    "family": "localearn.model_families",
 }
 
 
@@ -88,6 +95,12 @@ def _expected(kind: str) -> tuple[Callable[[Any], bool], str]:
 def load(kind: str, name: str) -> Any:
     """The object registered under ``name``. An unknown name, a plugin that fails to import and
     a plugin of the wrong kind are each a one-line `UserError` naming the package."""
+    if kind == "model" and ":" in name:  # family:NAME, the family's factory given NAME
+        family, _, arg = name.partition(":")
+        if family not in available("family"):
+            raise UserError(f"unknown model {name!r}: no model family {family!r}; "
+                            f"families: {families() or '(none registered)'}")
+        return functools.partial(load("family", family), name=arg)
     eps = available(kind)
     if name not in eps:
         valid = ", ".join(eps) or "(none registered)"
@@ -103,6 +116,36 @@ def load(kind: str, name: str) -> Any:
         raise UserError(f"{kind} {name!r} of package {distribution(ep)!r} ({ep.value}) is "
                         f"{obj!r}, not {want}")
     return obj
+
+
+def _takes(factory: Any, parameter: str) -> bool:
+    """True when ``factory``'s signature names ``parameter`` (not only ``**kwargs``)."""
+    try:
+        return parameter in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature
+        return False
+
+
+def families() -> str:
+    """The registered model families as they are used: ``timm:NAME, ...``."""
+    return ", ".join(f"{family}:NAME" for family in available("family"))
+
+
+def known(kind: str, name: str) -> bool:
+    """True when ``name`` is registered; a model named ``family:NAME`` when its family is."""
+    if kind == "model" and ":" in name:
+        return name.partition(":")[0] in available("family")
+    return name in available(kind)
+
+
+def make_model(name: str, num_classes: int,
+               input_shape: tuple[int, int, int] | None = None) -> Any:
+    """The model registered as ``name``, built for ``num_classes`` classes and, when its
+    factory has an ``input_shape`` parameter, for inputs of that shape (C, H, W)."""
+    factory = load("model", name)
+    if input_shape is not None and _takes(factory, "input_shape"):
+        return factory(num_classes=num_classes, input_shape=tuple(input_shape))
+    return factory(num_classes=num_classes)
 
 
 def describe(obj: Any) -> str:

@@ -52,11 +52,13 @@ def test_one_engine_step_equals_plain_bp_bitwise(model, one_thread):
         run.optimizer.load_state_dict(copy.deepcopy(start[1]))
         bp = expr.build(rule)
         bp.configure(run.net)
+        torch.manual_seed(2)  # the same random draws (Swin: stochastic depth)
         return Step(bp, run.net, run.optimizer, torch.device("cpu"))(images, targets)
 
     want_stats = step("bp")
     want = {k: t.detach().clone() for k, t in _state(run).items()}
-    assert any(k.endswith("num_batches_tracked") for k in want) or model.startswith("convnext")
+    norms = [m for m in run.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert any(k.endswith("num_batches_tracked") for k in want) or not norms  # ConvNeXt, ViT
     for mode in MODES:
         stats = step(f"bp(checkpoint={mode})")
         assert stats == want_stats, (model, mode)  # the same loss and accuracy

@@ -9,6 +9,9 @@ Two heads, picked by ``dgl(style=...)``:
 
 MLAAN and its ablations build every head, independent and cascade, through `DGL.make_head`, so
 ``mlaan(dgl(style=public))`` has the public head in both places, as the public DGL+MLAAN code.
+
+On a transformer's token boundary, shape (T, D), ``dgl`` builds `DGLTokenHead`, the same
+design on tokens; ``style=public`` has no token head and is refused in one line.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape
+from localearn.errors import UserError
+from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
+from localearn_plugins.linear import TokenMean
 
 Style = Literal["dgl", "public"]
 
@@ -53,6 +58,45 @@ class DGLHead(AuxHead):
         self.features = nn.Sequential(
             nn.AdaptiveAvgPool2d((math.ceil(h / 4), math.ceil(w / 4))), *convs,
             nn.AdaptiveAvgPool2d(2), nn.Flatten(), *mlp)
+        self.classifier = nn.Linear(4 * hidden, info.num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.classifier(self.features(features))
+
+    def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(self(features), targets)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over every token of a (N, T, D) sequence, per feature: what BatchNorm2d after
+    a 1x1 convolution does over every position of a map."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return super().forward(tokens.reshape(-1, tokens.shape[-1])).view_as(tokens)
+
+
+class DGLTokenHead(AuxHead):
+    """`DGLHead` on a (T, D) token sequence: three token-wise linear-BN-ReLU layers of width
+    H = D (a 1x1 convolution is a token-wise linear layer; BN over every token), the average
+    over the tokens, a 3-layer MLP of width 4H (linear layers without bias, each followed by BN
+    and ReLU), then the linear classifier; cross-entropy. ``width`` scales H, capped at
+    ``max_width`` (128), as in `DGLHead`. Parameters for 10 classes at D=192 (H=128):
+    656,138."""
+
+    def __init__(self, shape: Shape, info: DataInfo, width: float = 1.0,
+                 max_width: int = 128) -> None:
+        super().__init__(shape, info)
+        d = shape[1]
+        hidden = max(1, min(round(d * width), max_width))
+        layers: list[nn.Module] = []
+        for i in range(3):
+            layers += [nn.Linear(d if i == 0 else hidden, hidden, bias=False),
+                       TokenBatchNorm(hidden), nn.ReLU(inplace=True)]
+        layers.append(TokenMean())
+        for i in range(3):
+            layers += [nn.Linear(hidden if i == 0 else 4 * hidden, 4 * hidden, bias=False),
+                       nn.BatchNorm1d(4 * hidden), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(4 * hidden, info.num_classes)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -113,8 +157,19 @@ class DGL(LocalRule):
             raise ValueError("width and max_width shape DGL's own head (style=dgl); the public "
                              "head's widths are fixed")
         self.style, self.width, self.max_width = style, width, max_width
+        self.model = ""  # the model's registered name, set by `configure`
+
+    def configure(self, net: SplitNetwork) -> None:
+        self.model = net.model_name
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        if len(shape) == 2:  # (T, D) tokens: a transformer's boundary
+            if self.style == "public":
+                raise UserError(f"rule {self.expression!r} cannot train model {self.model!r}: "
+                                "the public DGL head takes (C, H, W) feature maps and this "
+                                f"model's boundaries are (T, D) tokens {tuple(shape)}; use dgl "
+                                "(its token head) or linear")
+            return DGLTokenHead(shape, info, self.width, self.max_width)
         if self.style == "public":
             return PublicDGLHead(shape, info)
         return DGLHead(shape, info, self.width, self.max_width)
