@@ -150,7 +150,7 @@ def token_failure(rule: UpdateRule, model: str, net: SplitNetwork) -> Iterator[N
         raise UserError(f"rule {rule.expression!r} cannot train model {model!r}: its heads "
                         "take (C, H, W) feature maps and this model's module boundaries are "
                         f"(T, D) token sequences {tokens[0]} ({type(exc).__name__}: {exc}); "
-                        "over tokens use bp, dgl or linear (alone or under mlaan or man)") \
+                        "train it with a rule whose heads take token sequences") \
             from None
 
 
