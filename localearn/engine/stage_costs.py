@@ -1,27 +1,127 @@
 """Stage cuts that timing noise does not flip.
 
-Each module is timed as a stage of its own (`stages.module_steps`) in interleaved rounds: every
+Each module is timed as a stage of its own (`module_steps`) in interleaved rounds: every
 module once per round, round after round, after one untimed round. A slow spell of the machine
 (another process, a clock change) then slows all the modules of a round a little instead of
 every repeat of one module, which would move the cut. Candidate cuts are the balanced cuts of
 the per-module medians and of each round, and the cuts next to the first; each is scored on
 every round's own times (the share of that round's total in its largest stage) and the cut with
 the lowest median share wins. Shares within ``tie`` of each other are equal: then the balanced
-cut of the medians, then the smallest cuts, so equal times always give `stages.balance`'s cut.
+cut of the medians, then the smallest cuts, so equal times always give `balance`'s cut.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from statistics import median
 
-from localearn.engine.stages import balance, cuda_sync, module_steps
-from localearn.interfaces import SplitNetwork, UpdateRule
+import torch
+from torch import Tensor
+
+from localearn.interfaces import PlainContext, SplitNetwork, UpdateRule
 
 #: rounds of timing (after the untimed one): ResNet-32 K=16 at batch 128 takes about a second a
 #: round on one CPU thread
 ROUNDS = 5
+
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """Contiguous groups of modules with the smallest largest-group cost; the modules where
+    groups 1.. start."""
+    k = len(costs)
+    if not 1 <= stages <= k:
+        raise ValueError(f"cannot make {stages} stages of {k} modules")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: smallest max cost splitting modules 0..i-1 into s groups; cut[s][i]: its last
+    # group's start
+    best = [[inf] * (k + 1) for _ in range(stages + 1)]
+    cut = [[0] * (k + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, k + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    starts, i = [], k
+    for s in range(stages, 0, -1):
+        i = cut[s][i]
+        starts.append(i)
+    return sorted(starts)[1:]
+
+
+def cuda_sync() -> None:
+    """Wait for queued CUDA work (nothing without CUDA), so wall times include it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int = 3) -> float:
+    """The median wall time of ``fn()`` after one untimed call (CUDA synchronised)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        cuda_sync()
+        start = time.perf_counter()
+        fn()
+        cuda_sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class _AloneContext(PlainContext):
+    """A `StepContext` that makes one module a stage of its own: its input from a dummy
+    forward, nothing sent, zeros for what a next stage would send back."""
+
+    def __init__(self, index: int, x: Tensor) -> None:
+        self.index, self.x = index, x
+
+    def modules(self, k: int) -> range:
+        return range(self.index, self.index + 1)
+
+    def enter(self, index: int, x: Tensor) -> Tensor:
+        return self.x if index == self.index else x
+
+    def send_back(self, grad: Tensor) -> None:
+        pass
+
+    def take_back(self, like: Tensor) -> Tensor:
+        return torch.zeros_like(like)
+
+
+def module_steps(rule: UpdateRule, net: SplitNetwork,
+                 batch: int = 32) -> list[Callable[[], object]]:
+    """One call per module that runs it as a stage of its own through the rule's own step, on
+    copies of the rule and network (so nothing of the run changes) and random inputs. Each
+    call holds its module's input (one batch's activations at each module boundary), so the
+    calls can be timed in any order."""
+    rule, net = copy.deepcopy((rule, net))
+    device = next(net.parameters()).device
+    images = torch.randn(batch, *net.input_shape, device=device)
+    targets = torch.zeros(batch, dtype=torch.long, device=device)
+    convs = [p for p in net.parameters() if p.dim() == 4]
+    if convs and not convs[0].is_contiguous() and \
+            convs[0].is_contiguous(memory_format=torch.channels_last):
+        images = images.contiguous(memory_format=torch.channels_last)
+    steps, x = [], images
+    for i, module in enumerate(net.local_modules):
+        ctx = _AloneContext(i, x.detach())
+        steps.append(lambda ctx=ctx: rule.train_step(ctx, net, images, targets))
+        with torch.no_grad():
+            x = module(x)
+    return steps
+
+
+def module_costs(rule: UpdateRule, net: SplitNetwork, batch: int = 32) -> list[float]:
+    """The measured time of each module as a stage of its own (`module_steps`), each timed on
+    its own (`timed`). FLOPs would miss what dominates small feature maps on CPUs (batch norm,
+    activations, memory traffic)."""
+    return [timed(step) for step in module_steps(rule, net, batch)]
 
 
 def round_costs(steps: Sequence[Callable[[], object]], rounds: int = ROUNDS) -> list[list[float]]:

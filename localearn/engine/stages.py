@@ -11,17 +11,15 @@ interleaved rounds and picks the cut that is best across the rounds, so noise do
 
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 from localearn import distributed as dist_
+from localearn.engine.stage_costs import balance, measured_cuts, module_costs, timed
 from localearn.errors import SameOnEveryRank, UserError
-from localearn.interfaces import PlainContext, SplitNetwork, UpdateRule
+from localearn.interfaces import SplitNetwork, UpdateRule
+
+__all__ = ["Layout", "StageLost", "balance", "check_pipelinable", "layout_of", "module_costs",
+           "parse_stage_cuts", "plan_cuts", "stage_ranges", "timed"]
 
 
 class StageLost(UserError):
@@ -101,103 +99,6 @@ def check_pipelinable(rule: UpdateRule, k: int | None, stages: int, *,
     return rule
 
 
-def balance(costs: list[float], stages: int) -> list[int]:
-    """Contiguous groups of modules with the smallest largest-group cost; the modules where
-    groups 1.. start."""
-    k = len(costs)
-    if not 1 <= stages <= k:
-        raise ValueError(f"cannot make {stages} stages of {k} modules")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][i]: smallest max cost splitting modules 0..i-1 into s groups; cut[s][i]: its last
-    # group's start
-    best = [[inf] * (k + 1) for _ in range(stages + 1)]
-    cut = [[0] * (k + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, k + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    starts, i = [], k
-    for s in range(stages, 0, -1):
-        i = cut[s][i]
-        starts.append(i)
-    return sorted(starts)[1:]
-
-
-def cuda_sync() -> None:
-    """Wait for queued CUDA work (nothing without CUDA), so wall times include it."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], repeats: int = 3) -> float:
-    """The median wall time of ``fn()`` after one untimed call (CUDA synchronised)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        cuda_sync()
-        start = time.perf_counter()
-        fn()
-        cuda_sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-class _AloneContext(PlainContext):
-    """A `StepContext` that makes one module a stage of its own: its input from a dummy
-    forward, nothing sent, zeros for what a next stage would send back."""
-
-    def __init__(self, index: int, x: Tensor) -> None:
-        self.index, self.x = index, x
-
-    def modules(self, k: int) -> range:
-        return range(self.index, self.index + 1)
-
-    def enter(self, index: int, x: Tensor) -> Tensor:
-        return self.x if index == self.index else x
-
-    def send_back(self, grad: Tensor) -> None:
-        pass
-
-    def take_back(self, like: Tensor) -> Tensor:
-        return torch.zeros_like(like)
-
-
-def module_steps(rule: UpdateRule, net: SplitNetwork,
-                 batch: int = 32) -> list[Callable[[], object]]:
-    """One call per module that runs it as a stage of its own through the rule's own step, on
-    copies of the rule and network (so nothing of the run changes) and random inputs. Each
-    call holds its module's input (one batch's activations at each module boundary), so the
-    calls can be timed in any order."""
-    rule, net = copy.deepcopy((rule, net))
-    device = next(net.parameters()).device
-    images = torch.randn(batch, *net.input_shape, device=device)
-    targets = torch.zeros(batch, dtype=torch.long, device=device)
-    convs = [p for p in net.parameters() if p.dim() == 4]
-    if convs and not convs[0].is_contiguous() and \
-            convs[0].is_contiguous(memory_format=torch.channels_last):
-        images = images.contiguous(memory_format=torch.channels_last)
-    steps, x = [], images
-    for i, module in enumerate(net.local_modules):
-        ctx = _AloneContext(i, x.detach())
-        steps.append(lambda ctx=ctx: rule.train_step(ctx, net, images, targets))
-        with torch.no_grad():
-            x = module(x)
-    return steps
-
-
-def module_costs(rule: UpdateRule, net: SplitNetwork, batch: int = 32) -> list[float]:
-    """The measured time of each module as a stage of its own (`module_steps`), each timed on
-    its own (`timed`). FLOPs would miss what dominates small feature maps on CPUs (batch norm,
-    activations, memory traffic)."""
-    return [timed(step) for step in module_steps(rule, net, batch)]
-
-
 def plan_cuts(cfg, rule: UpdateRule, net: SplitNetwork, env: dist_.DistEnv) -> list[int]:
     """The modules where stages 1.. start: ``cfg.stage_cuts``, or balanced by time measured on
     rank 0 (times differ between processes; `stage_costs.measured_cuts`) and broadcast, so
@@ -206,7 +107,6 @@ def plan_cuts(cfg, rule: UpdateRule, net: SplitNetwork, env: dist_.DistEnv) -> l
         return parse_stage_cuts(cfg.stage_cuts, net.k, cfg.stages)
     starts = None
     if env.is_main:
-        from localearn.engine.stage_costs import measured_cuts  # it imports this module
 
         starts = measured_cuts(rule, net, cfg.stages, min(cfg.batch_size, 128))
     try:
