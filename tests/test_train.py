@@ -7,11 +7,11 @@ from localearn.engine import fit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule,epochs", [("bp", 5)])
+@pytest.mark.parametrize("rule,epochs", [("bp", 3)])
 def test_digits_above_90_percent(rule, epochs, tmp_path):
-    # ResNet-32, the embedded digits set, batch 64. In an 8-epoch run BP was at 96.4% after
-    # epoch 5 (a shorter run anneals sooner). DGL's K=16 run on real data is the CIFAR-10 one
-    # below (on digits it reached 96.2% after 6 epochs).
+    # ResNet-32, the embedded digits set, batch 64. A 3-epoch run measured 14.7%, 75.1% and
+    # 97.1% after epochs 1-3 (a shorter run anneals sooner). DGL's K=16 run on real data is the
+    # CIFAR-10 one below (on digits it reached 96.2% after 6 epochs).
     cfg = make_config(rule=rule, epochs=epochs, batch_size=64, lr=0.05, progress=False,
                       output_dir=tmp_path)
     result = fit(cfg)
