@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 from localearn.context import PlainContext, StepContext, StepResult
 from localearn.errors import UserError
+from localearn.losses import cross_entropy, hard_labels
 from localearn.network import Shape, SplitNetwork
 
 __all__ = ["AuxHead", "DataInfo", "HeadFactory", "LocalModuleSplitter", "LocalRule",
            "PlainContext", "Shape", "SplitNetwork", "StepContext", "StepResult", "UpdateRule",
-           "parse_cut_list"]
+           "cross_entropy", "hard_labels", "parse_cut_list"]
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,7 @@ class LocalRule(UpdateRule):
         out = net.local_modules[index](x.detach())
         if index < net.k - 1:
             return self.heads[index].loss(out, targets, images), out
-        return nn.functional.cross_entropy(out, targets), out
+        return cross_entropy(out, targets), out
 
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:

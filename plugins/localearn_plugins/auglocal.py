@@ -28,6 +28,7 @@ from localearn.interfaces import (
     Shape,
     StepContext,
     StepResult,
+    cross_entropy,
 )
 from localearn.models.cifar_resnet import BasicBlock, init_weights
 from localearn.network import SplitNetwork
@@ -105,7 +106,7 @@ class AugLocalHead(AuxHead):
         return self.classifier(self.blocks(features))
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self(features), targets)
+        return cross_entropy(self(features), targets)
 
 
 class AugLocal(LocalRule):
@@ -189,7 +190,7 @@ class AugLocal(LocalRule):
                 ctx.backward(loss)
                 local.append(loss.detach())
                 ctx.grads_ready([*module.parameters(), *self.heads[i].parameters()])
-        loss = nn.functional.cross_entropy(x, targets)
+        loss = cross_entropy(x, targets)
         ctx.backward(loss)
         ctx.grads_ready([p for m in net.local_modules[n:] for p in m.parameters()])
         return StepResult(loss=loss.detach(), logits=x.detach(), local_losses=local)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from localearn.errors import UserError
-from localearn.interfaces import SplitNetwork, StepContext, StepResult, UpdateRule
+from localearn.interfaces import SplitNetwork, StepContext, StepResult, UpdateRule, cross_entropy
 
 VALID = ("none (no recomputation), unit (every backbone unit its own segment), sqrt (about "
          "sqrt(units) segments) or an integer N >= 2 (N segments)")
@@ -168,7 +168,7 @@ class BP(UpdateRule):
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:
         logits = self.logits(net, images)
-        loss = nn.functional.cross_entropy(logits, targets)
+        loss = cross_entropy(logits, targets)
         ctx.backward(loss)
         ctx.grads_ready(net.parameters())
         return StepResult(loss=loss.detach(), logits=logits.detach())

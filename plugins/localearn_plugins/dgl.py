@@ -22,7 +22,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from localearn.errors import UserError
-from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
+from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork, cross_entropy
 from localearn_plugins.linear import TokenMean
 
 Style = Literal["dgl", "public"]
@@ -64,7 +64,7 @@ class DGLHead(AuxHead):
         return self.classifier(self.features(features))
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self(features), targets)
+        return cross_entropy(self(features), targets)
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -103,7 +103,7 @@ class DGLTokenHead(AuxHead):
         return self.classifier(self.features(features))
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self(features), targets)
+        return cross_entropy(self(features), targets)
 
 
 class PublicDGLHead(AuxHead):
@@ -137,7 +137,7 @@ class PublicDGLHead(AuxHead):
         return self.classifier(self.features(features))
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self(features), targets)
+        return cross_entropy(self(features), targets)
 
 
 class DGL(LocalRule):

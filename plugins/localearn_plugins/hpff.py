@@ -35,6 +35,7 @@ from localearn.interfaces import (
     Shape,
     SplitNetwork,
     UpdateRule,
+    cross_entropy,
 )
 
 from .mlaan import MLAAN
@@ -82,13 +83,14 @@ class PatchHead(AuxHead):
             cells = [cell for rows in features.tensor_split(n, dim=2)
                      for cell in rows.tensor_split(n, dim=3)]
             fused = sum(self.inner(cell) for cell in cells) / count
-            return nn.functional.cross_entropy(fused, targets)
+            return cross_entropy(fused, targets)
         cells = patch_grid(features, n)
         if self.fuse_outputs:
             out = self.inner(cells)
             fused = out.reshape(count, features.shape[0], *out.shape[1:]).mean(0)
-            return nn.functional.cross_entropy(fused, targets)
-        return self.inner.loss(cells, targets.repeat(count), patch_grid(images, n))
+            return cross_entropy(fused, targets)
+        cell_targets = targets.repeat(count, *[1] * (targets.dim() - 1))  # soft ones too
+        return self.inner.loss(cells, cell_targets, patch_grid(images, n))
 
     def compile_parts(self) -> list[nn.Module]:
         return self.inner.compile_parts()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from localearn.interfaces import AuxHead, DataInfo, Shape
+from localearn.interfaces import AuxHead, DataInfo, Shape, cross_entropy, hard_labels
 
 LossMode = Literal["contrast", "ce"]
 DecoderKind = Literal["auto", "upsample", "progressive"]
@@ -199,8 +199,8 @@ class InfoProHead(AuxHead):
         assert self.classifier is not None
         out = self.classifier(features)
         if self.mode == "contrast":
-            return supcon_loss(out, targets, self.temperature)
-        return F.cross_entropy(out.float(), targets)
+            return supcon_loss(out, hard_labels(targets), self.temperature)
+        return cross_entropy(out.float(), targets)
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
         if self.decoder is None and self.classifier is None:  # both weights 0

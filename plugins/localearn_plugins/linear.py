@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape
+from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, cross_entropy
 
 
 class TokenMean(nn.Module):
@@ -40,7 +40,7 @@ class LinearHead(AuxHead):
         return self.classifier(self.pool(features))
 
     def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(self(features), targets)
+        return cross_entropy(self(features), targets)
 
 
 class Linear(LocalRule):

@@ -7,9 +7,9 @@ graph freed at its last use; ``fuse`` takes each module's weight gradient in one
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from localearn.interfaces import SplitNetwork, StepContext, StepResult
+from localearn.interfaces import SplitNetwork, StepContext, StepResult, cross_entropy
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -93,7 +93,7 @@ class MLAANStep:
                 local.append((self.wx * indep + self.wy * cascade).detach())
                 self._route(net, f"cascade {i}", i, grad, ins, outs, pending, mine.start)
             else:
-                final = nn.functional.cross_entropy(leaf, targets)
+                final = cross_entropy(leaf, targets)
                 grad = self._head_grad("final", final, leaf)
                 self._route(net, "final", i, grad, ins, outs, pending, mine.start)
             x = o.detach()  # module i's graph lives in outs[i] only, freed there
