@@ -34,7 +34,12 @@ def survivor_line(exc: BaseException, rank: str, world: str) -> str | None:
     what = lost_peer(exc)
     if what is None:
         return None
-    return (f"rank {rank} of {world} lost another process of this job ({what}): it stopped "
+    # in a job of two the lost process can only be the other rank; beyond that Gloo and NCCL
+    # name an address, not a rank
+    other = "another process"
+    if world == "2" and rank in ("0", "1"):
+        other = f"rank {1 - int(rank)}"
+    return (f"rank {rank} of {world} lost {other} of this job ({what}): it stopped "
             "or was killed; this process stops too (resume from the last checkpoint)")
 
 

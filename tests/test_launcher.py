@@ -158,10 +158,73 @@ def test_lost_peers_are_told_from_other_errors() -> None:
     assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert lost_peer(ValueError("Connection reset by peer")) is None  # not a collective
     line = survivor_line(gloo, "0", "2")
-    assert line is not None and line.startswith("rank 0 of 2 lost another process")
+    assert line is not None and line.startswith("rank 0 of 2 lost rank 1 of this job")
+    line = survivor_line(gloo, "2", "4")
+    assert line is not None and line.startswith("rank 2 of 4 lost another process")
     # torchrun's SIGTERM to the survivors is not a death to report; SIGKILL is
     fail = {0: SimpleNamespace(exitcode=-15, pid=10), 1: SimpleNamespace(exitcode=-9, pid=11),
             2: SimpleNamespace(exitcode=1, pid=12)}
     assert dead_rank_line(fail) == ("rank 1 (pid 11) was killed by SIGKILL; the job stopped "
                                     "its other processes")
     assert dead_rank_line({0: SimpleNamespace(exitcode=2, pid=1)}) is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_dead_second_node_is_one_line_on_the_first(tmp_path: Path) -> None:
+    """Two torchrun launchers joined over a c10d rendezvous, as on two machines; the whole
+    second node (its launcher and its worker) is killed while both train. The first node's
+    worker says in one line which rank it lost and stops at once, not after the timeout."""
+    marker = f"LOCALEARN_TEST_MARK={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOCALEARN_TIMEOUT="300", **{name: value})
+    port = _free_port()
+    nodes = []
+    for node in ("a", "b"):
+        logs = tmp_path / f"logs-{node}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "--rdzv-id", value, "--log-dir", str(logs),
+               "--redirects", "2", "-m", "localearn", "fit", "--rule", "dgl", "--k", "2",
+               "--train-limit", "256", "--test-limit", "64", "--batch-size", "16",
+               "--epochs", "50", "--device", "cpu", "--no-progress",
+               "--out", str(tmp_path / f"run-{node}")]
+        nodes.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL), logs))
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # rank 0 writes the run; both ranks are training once a step is logged
+            runs = [tmp_path / f"run-{n}" / "metrics.jsonl" for n in "ab"]
+            if any(r.exists() and b'"step"' in r.read_bytes() for r in runs):
+                break
+            assert all(p.poll() is None for p, _ in nodes), "a node stopped before training"
+            assert time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        workers = {_rank_of(pid): pid for pid in _workers(marker)}
+        victim = workers[1]
+        dead = next(i for i, (p, _) in enumerate(nodes)
+                    if str(p.pid) in Path(f"/proc/{victim}/stat").read_text().split()[3:4])
+        killed_at = time.monotonic()
+        nodes[dead][0].kill()  # the node goes: its launcher and its worker at once
+        os.kill(victim, signal.SIGKILL)
+        survivor, logs = nodes[1 - dead]
+        survivor.wait(timeout=120)
+        took = time.monotonic() - killed_at
+    finally:
+        for pid in _marked(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    assert survivor.returncode != 0
+    assert took < 60, f"the survivor took {took:.0f} s to stop"
+    err = "".join(f.read_text() for f in logs.rglob("stderr.log"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("localearn: error: rank 0 of 2 lost rank 1 of this job"), err
