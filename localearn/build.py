@@ -27,10 +27,12 @@ from localearn import expr, registry
 from localearn.config import FitConfig
 from localearn.data import DataSplits
 from localearn.engine.parallel import DataParallel, Single
+from localearn.engine.recipe import WeightEma, make_step_recipe
 from localearn.engine.step import Step
 from localearn.errors import UserError
 from localearn.interfaces import DataInfo, LocalModuleSplitter, UpdateRule
 from localearn.network import SplitNetwork
+from localearn.optim import clip_groups, make_optimizer
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Run:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     step: Step
+    ema: WeightEma | None = None  # the weight average evaluation uses (--ema-decay)
 
     @property
     def strategy(self) -> Single:
@@ -208,17 +211,18 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
         dist_.broadcast_module(aux)
     seed_everything(cfg.seed + env.rank)  # ranks draw different numbers from here on
     params = unique_trainable([net, aux])
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, params, [net, *filter(None, [net.backbone]), aux])
     strategy = make_strategy(cfg, rule, net, params, optimizer, device, env)
+    ema = WeightEma(net, cfg.ema_decay) if cfg.ema_decay is not None else None
     if cfg.stages > 1:  # the stages of one replica draw alike
         seed_everything(cfg.seed + strategy.layout.replica)
     if cfg.compile:  # in place: state-dict names stay those of the plain modules
         for module in rule.compile_targets(net, aux):
             module.compile()
-    step = Step(rule, net, optimizer, device, cfg.precision, strategy)
-    return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step)
+    groups = clip_groups(rule, net, params, strategy.modules(net.k), cfg.clip_scope)
+    recipe = make_step_recipe(cfg, info, groups, ema)
+    step = Step(rule, net, optimizer, device, cfg.precision, strategy, recipe)
+    return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step, ema)
 
 
 def make_strategy(cfg: FitConfig, rule: UpdateRule, net: SplitNetwork,

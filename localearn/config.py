@@ -49,10 +49,31 @@ class FitConfig(BaseModel):
         "chosen on it, not on the test set")
     epochs: int = Field(10, ge=1, description="passes over the training set")
     batch_size: int = Field(128, ge=1, description="images per step (per process)")
-    lr: float = Field(0.1, gt=0, description="peak learning rate (SGD)")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(True, description="Nesterov momentum (the paper's)")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
+    # recipes (docs/training.md#recipes)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd (momentum, --nesterov) or adamw (torch's AdamW; --betas, --eps)")
+    betas: list[float] = Field([0.9, 0.999], description="AdamW's betas, e.g. 0.9,0.95")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
+    decay_on: Literal["all", "weights"] | None = Field(
+        None, description="weight decay on all parameters, or on weights only (not on norms, "
+        "biases, position embeddings or tokens); default: all for sgd, weights for adamw")
+    clip_grad: float | None = Field(None, gt=0, description="clip gradients to this norm, "
+                                    "per local module with its head (see --clip-scope)")
+    clip_scope: Literal["module", "global"] = Field(
+        "module", description="module: each local module with its auxiliary networks clipped "
+        "on its own; global: one norm over all parameters (couples the modules)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of every "
+                                   "rule's cross-entropy losses")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (timm's Mixup; 0: off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (timm's Mixup; 0: off)")
+    randaugment: int | None = Field(None, ge=0, le=30, description="RandAugment of the "
+                                    "training images at this magnitude (two ops, e.g. 9)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="evaluate an exponential "
+                                    "moving average of the weights with this decay, e.g. 0.999")
     warmup_epochs: float | None = Field(
         None, ge=0, description="linear warm-up before the cosine decay (default: 5% of the run)")
     warmup_lr: float = Field(0.01, ge=0,
@@ -153,6 +174,21 @@ class FitConfig(BaseModel):
             raise ValueError(f"seeds must lie in -2**63..2**63-1 (got {v})")
         return v
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = [float(x) for x in v.split(",")]
+            except ValueError:
+                raise ValueError(f"betas must be two numbers such as 0.9,0.999 (got {v!r})") \
+                    from None
+        if isinstance(v, (list, tuple)) and (len(v) != 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
+                for x in v)):
+            raise ValueError(f"betas must be two numbers in [0, 1) such as 0.9,0.999 (got {v})")
+        return v
+
     @field_validator("val_split")
     @classmethod
     def _val_split(cls, v: float | None) -> float | None:
@@ -209,6 +245,19 @@ class FitConfig(BaseModel):
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
                              f"({self.epochs})")
+        return self
+
+
+    @model_validator(mode="after")
+    def _recipe(self) -> FitConfig:
+        mixing = self.mixup > 0 or self.cutmix > 0
+        if mixing and self.batch_size % 2:
+            raise ValueError(f"mixup and cutmix pair each image with another of its batch, so "
+                             f"batch_size must be even (got {self.batch_size})")
+        if self.stages > 1 and (mixing or self.ema_decay is not None
+                                or self.randaugment is not None):
+            raise ValueError("mixup, cutmix, randaugment and ema_decay do not run on pipelined "
+                             "stages yet; drop them or --stages")
         return self
 
 

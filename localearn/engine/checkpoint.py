@@ -64,12 +64,13 @@ REQUIRED = ("format", "version", "config", "step", "epoch", "batch_in_epoch", "e
             "model", "aux", "optimizer")
 
 #: settings that define what is trained: a checkpoint with other values cannot be loaded
-STRUCTURE = ("rule", "model", "k", "split", "dataset")
+STRUCTURE = ("rule", "model", "k", "split", "dataset", "optimizer")
 #: settings that fix which samples make up each step: may change only at an epoch boundary
 DATA_LAYOUT = ("batch_size", "train_limit", "seed", "drop_last", "val_split")
 #: settings that change the trajectory: allowed, with a notice that the run is no longer exact
 TRAJECTORY = ("epochs", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
-              "warmup_lr", "precision", "schedule")
+              "warmup_lr", "precision", "schedule", "betas", "eps", "decay_on", "clip_grad",
+              "clip_scope", "label_smoothing", "mixup", "cutmix", "randaugment", "ema_decay")
 
 
 # ------------------------------------------------------------------------- finiteness
@@ -111,6 +112,7 @@ def nonfinite_in(ckpt: dict[str, Any]) -> str | None:
     """The first non-finite (or overflowing) tensor among a checkpoint's weights, buffers
     and optimizer state."""
     parts = {"model": ckpt.get("model"), "aux": ckpt.get("aux"), "rule": ckpt.get("rule"),
+             "ema": ckpt.get("ema"),
              "optimizer": (ckpt.get("optimizer") or {}).get("state")}
     return first_nonfinite(named_tensors({k: v for k, v in parts.items() if v is not None}))
 
@@ -305,6 +307,8 @@ def malformed(ckpt: dict[str, Any]) -> str | None:
             and isinstance(r.get("numpy"), dict) and isinstance(r.get("random"), dict)
             for r in rngs):
         return "malformed 'rng': expected each process's random-number states"
+    if ckpt.get("ema") is not None and not _tensors(ckpt["ema"]):
+        return "malformed 'ema': expected a state dict of named tensors"
     for key in ("rule", "scaler", "scheduler", "data_info"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"malformed {key!r}: expected a dict"

@@ -115,12 +115,19 @@ class Trainer(EpochLoop, RunFiles):
             {"model": self.net, "aux": self.aux, "rule": self.rule,
              "optimizer": self.optimizer, "scaler": self.scaler,
              "scheduler": WithPosition(self.schedule, lambda: {
-                 "step": self.step, "total_steps": self.total_steps})},
+                 "step": self.step, "total_steps": self.total_steps}),
+             **({"ema": run.ema} if run.ema is not None else {})},
             self.state, self._meta, env)
         self.log = RunLog(cfg.output_dir or rundir.RUNS_ROOT, enabled=False)  # see _fit
         self._bar: tqdm | None = None
         self._signals = StopSignals(announce=env.is_main)
         self._stopped = False  # the current epoch was cut short by a signal
+
+    @property
+    def eval_net(self) -> Any:
+        """The network evaluation uses: the weight average with ``--ema-decay``, else the
+        trained network."""
+        return self.net if self.run.ema is None else self.run.ema.module
 
     def summary(self, result: FitResult) -> dict[str, Any]:
         """The run's summary (``summary.json``, `report.run_summary`)."""
@@ -188,7 +195,8 @@ class Trainer(EpochLoop, RunFiles):
                              self.device, env)
         for name, loader in (("val_acc", self.feed.val), ("test_acc", self.test_loader)):
             if loader is not None:
-                row[name] = evaluate(self.net, loader, self.device, precision=cfg.precision,
+                row[name] = evaluate(self.eval_net, loader, self.device,
+                                     precision=cfg.precision,
                                      channels_last=cfg.channels_last, env=env)
         self.state.epoch_done = True
         self.history.append(row)

@@ -115,6 +115,8 @@ class RunFiles:
         self.ckpt.check(saved)
         self.ckpt.claim(cfg.output_dir, resume_from=path, overwrite=cfg.overwrite)
         self.ckpt.load(saved)  # everything checked: now load
+        if self.run.ema is not None and not saved.state.get("ema"):
+            self.run.ema.restart(self.net)  # a run saved without one: average from here
         rngs = saved.state.get("rng") or []
         if len(rngs) == env.world_size:
             ckpt_io.set_rng_state(rngs[env.rank])

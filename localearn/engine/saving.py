@@ -21,7 +21,7 @@ from localearn.errors import UserError
 from localearn.runlog import LOGGER
 
 #: components whose state is a module's: checked key by key and shape by shape before loading
-MODULES = {"model": "model", "aux": "auxiliary networks"}
+MODULES = {"model": "model", "aux": "auxiliary networks", "ema": "weight average"}
 
 
 class TrainingDiverged(UserError):
@@ -114,6 +114,8 @@ class CheckpointManager:
         """Refuse a saved run whose modules or optimizer do not fit these components (before
         anything is loaded, so nothing is ever half-loaded)."""
         for name, what in MODULES.items():
+            if name not in self.components or saved.state.get(name) is None:
+                continue  # a weight average: only in runs with one
             ckpt_io.check_state(self.components[name], saved.state[name], what, saved.path)
         own = [len(g["params"]) for g in self.components["optimizer"].state_dict()["param_groups"]]
         theirs = [len(g["params"]) for g in saved.state["optimizer"]["param_groups"]]

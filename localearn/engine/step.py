@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from localearn import distributed as dist_
+from localearn import losses
 from localearn.engine.parallel import DataEnd, NonFiniteLoss, Single
+from localearn.engine.recipe import StepRecipe
 from localearn.errors import UserError
 from localearn.interfaces import SplitNetwork, StepResult, UpdateRule
 
@@ -141,7 +143,8 @@ def step_stats(result: StepResult, targets: Tensor, offset: int = 0, slots: int 
     if result.logits is not None and result.loss is not None:
         loss = torch.as_tensor(result.loss, device=device).detach().double().reshape(())
         v[0] = loss * n
-        v[1] = (result.logits.argmax(1) == targets).sum().double()
+        # mixed (soft) targets count against their most likely class
+        v[1] = (result.logits.argmax(1) == losses.hard_labels(targets)).sum().double()
         v[2] = n
         values = [loss, *local]
     if local:
@@ -165,12 +168,16 @@ class Step:
     """Runs one batch, whatever the parallelism: the strategy's batch (a later pipelined stage
     receives it), zero the gradients, the rule's ``train_step`` under autocast, the gradient
     reduction, the statistics with the stop vote, the finiteness verdict, the optimizer step
-    (through the scaler for fp16), what the strategy does after it, and ``after_step``."""
+    (through the scaler for fp16), what the strategy does after it, and ``after_step``.
+    ``recipe`` (`localearn.engine.recipe`): the batch's mixup and RandAugment (where the
+    strategy reads data), the loss settings of the rule's cross-entropy, gradient clipping
+    between the reduction and the optimizer step, the weight average after it."""
 
     def __init__(self, rule: UpdateRule, net: SplitNetwork, optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str = "32",
-                 strategy: Single | None = None) -> None:
+                 strategy: Single | None = None, recipe: StepRecipe | None = None) -> None:
         self.rule, self.net, self.optimizer = rule, net, optimizer
+        self.recipe = recipe or StepRecipe()
         self.device, self.precision = device, precision
         self.strategy = strategy or Single()
         self.reducer = self.strategy.reducer
@@ -196,13 +203,15 @@ class Step:
         step on pipelined stages). Raises `NonFiniteLoss` before the optimizer step if a loss
         is not finite (on stages, a stage skips its step and all raise some steps later);
         `DataEnd` when a later stage learns the epoch's stream ended."""
-        strategy = self.strategy
+        strategy, recipe = self.strategy, self.recipe
+        if recipe.batch is not None and strategy.reads_data:
+            images, targets = recipe.batch(images, targets)
         images, targets = strategy.begin(images, targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.reducer is not None:
             self.reducer.start()
         try:
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.precision), losses.using(recipe.loss):
                 result = run_rule(self.rule, self.ctx, self.net, images, targets, self.legacy)
         except ValueError as exc:
             if "Expected more than 1 value per channel" not in str(exc):
@@ -221,16 +230,23 @@ class Step:
         except NonFiniteLoss:
             raise NonFiniteLoss(first_nonfinite_loss(result)) from None
         if may_step:
+            if recipe.clip_grad is not None:
+                if self.scaler.is_enabled():
+                    self.scaler.unscale_(self.optimizer)
+                recipe.clip()
             optimizer_step(self.scaler, self.optimizer)
         strategy.after_optimizer()
         if may_step:
+            if recipe.ema is not None:
+                recipe.ema.update(self.net)
             self.rule.after_step()
         return strategy.finish(stats)
 
     def drain(self) -> list[float] | None:
         """Before evaluation, checkpoints and the end of an epoch: what the rule left in flight
         (`UpdateRule.flush`), then the statistics not reported yet (None: none)."""
-        self.rule.flush(self.ctx)
+        with losses.using(self.recipe.loss):
+            self.rule.flush(self.ctx)
         return self.strategy.drain()
 
     def sync(self, aux: nn.Module) -> None:
