@@ -230,7 +230,12 @@ def make_strategy(cfg: FitConfig, rule: UpdateRule, net: SplitNetwork,
                   device: torch.device, env: dist_.DistEnv) -> Single:
     """Pipelined stages for ``cfg.stages > 1`` (cut by ``cfg.stage_cuts`` or balanced by
     measured time), data parallel in a multi-process job, else one process."""
+    from localearn.engine.stages import check_microbatches
+
+    check_microbatches(rule, cfg.microbatches, cfg.batch_size, cfg.stages, cfg.drop_last)
+    strategy: Single
     if cfg.stages > 1:
+        from localearn.engine.lockstep import LockstepPipeline
         from localearn.engine.pipeline import Pipeline
         from localearn.engine.stages import check_pipelinable, layout_of, plan_cuts
 
@@ -239,10 +244,14 @@ def make_strategy(cfg: FitConfig, rule: UpdateRule, net: SplitNetwork,
         check_pipelinable(rule, net.k, cfg.stages, **check)
         starts = plan_cuts(cfg, rule, net, env)
         check_pipelinable(rule, net.k, cfg.stages, starts=starts, **check)
-        return Pipeline(env, layout, starts, rule, net, optimizer, device, cfg.stage_mode)
-    if env.enabled:
-        return DataParallel(env, params)
-    return Single(env)
+        kind = LockstepPipeline if rule.stage_lockstep else Pipeline
+        strategy = kind(env, layout, starts, rule, net, optimizer, device, cfg.stage_mode)
+    elif env.enabled:
+        strategy = DataParallel(env, params)
+    else:
+        strategy = Single(env)
+    strategy.microbatches = cfg.microbatches
+    return strategy
 
 
 def find_splitter(backbone: nn.Module, model_name: str) -> LocalModuleSplitter:

@@ -128,6 +128,9 @@ class FitConfig(BaseModel):
         "sync", description="MLAAN-family rules across stages: sync (exactly the one-process "
         "run; stages wait for each other) or async (gradients from the next stage and EMA "
         "twins one step late; no waiting)")
+    microbatches: int = Field(1, ge=1, description="cut every batch into N equal microbatches, "
+                              "for rules that take them (bp: pipelined over --stages, or "
+                              "accumulated in one process)")
     allow_pipe: bool = Field(False, description="let the data's shard lists run shell commands "
                                                 "(pipe: URLs); only for data you trust")
 

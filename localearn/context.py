@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,26 @@ class StepResult:
     local_losses: list[Tensor] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StagePlace:
+    """Where this process stands in a lockstep pipeline (`UpdateRule.stage_lockstep`): its
+    stage ``index`` of ``count``, the process ``group`` of this replica's stages (in stage
+    order: group rank = stage index) and the ``device`` it trains on."""
+
+    index: int
+    count: int
+    group: Any
+    device: torch.device
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
 @runtime_checkable
 class StepContext(Protocol):
     """What the engine offers a rule during `UpdateRule.train_step`.
@@ -45,6 +65,9 @@ class StepContext(Protocol):
     #: ``"sync"`` or ``"async"``: on pipelined stages, whether what the next stage sends back
     #: (`take_back`) and the units read from other stages may arrive one step late
     stage_mode: str
+    #: how many equal microbatches the run asks a rule that takes them to cut each batch into
+    #: (``--microbatches``; 1 for every other rule)
+    microbatches: int
 
     def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
         """Back-propagate a scalar loss (scaled first when fp16 gradient scaling is on)."""
@@ -79,12 +102,21 @@ class StepContext(Protocol):
         """The next gradient the next stage sent back with `send_back` (shaped like ``like``,
         the output of this stage's last module), in the order it was sent."""
 
+    def stage_place(self) -> StagePlace | None:
+        """On a lockstep pipeline, where this process stands (the rule moves activations and
+        gradients between stages itself, over ``group``); None otherwise."""
+
+    def add_wait(self, seconds: float) -> None:
+        """Seconds of this step a lockstep rule spent blocked on other stages (for the idle
+        fraction `localearn bench --stages` reports)."""
+
 
 class PlainContext:
     """A `StepContext` without scaling, reduction or stages: for calling a rule outside the
     engine (tests, notebooks, examples)."""
 
     stage_mode = "sync"
+    microbatches = 1
 
     def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
         loss.backward(retain_graph=retain_graph)
@@ -109,3 +141,9 @@ class PlainContext:
 
     def take_back(self, like: Tensor) -> Tensor:
         raise RuntimeError("take_back: one process has no next stage")
+
+    def stage_place(self) -> StagePlace | None:
+        return None
+
+    def add_wait(self, seconds: float) -> None:
+        pass

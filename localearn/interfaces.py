@@ -244,6 +244,21 @@ class UpdateRule(ABC):
         pipelined stage: the stage steps, averages and broadcasts them with its own."""
         return []
 
+    #: True for a rule whose stages all train the same batch in the same step, moving
+    #: activations and gradients between stages itself (over `StepContext.stage_place`'s
+    #: group); the engine then hands each batch down the stages before the step and no stage
+    #: steps unless all may. False: stage s trains batch t while stage s+1 trains batch t-1.
+    stage_lockstep: ClassVar[bool] = False
+
+    def microbatch_check(self, microbatches: int, stages: int) -> str | None:
+        """None when this rule trains with ``--microbatches`` ``microbatches`` on ``stages``
+        stages (1: one process); else why not, in one line. The default takes 1 only: a rule
+        that cuts its batch into `StepContext.microbatches` overrides this."""
+        if microbatches == 1:
+            return None
+        return (f"{self.expression} trains each batch whole; --microbatches applies to rules "
+                "that cut a batch into microbatches (UpdateRule.microbatch_check)")
+
     def units_read(self, modules: range) -> list[int]:
         """Backbone units (indices into ``net.units``) whose current weights this rule's
         work for ``modules`` reads, wherever they train (MLAAN's EMA twins follow later

@@ -58,6 +58,8 @@ def test_listings():
     (["fit", "--rule", "dgl((("], "malformed rule expression"),
     (["fit", "--k", "17"], "K=17 is out of range for model 'resnet32': valid K is 1..16"),
     (["fit", "--rule", "bp", "--k", "4"], "rule 'bp' trains end to end, so K must be 1"),
+    (["fit", "--rule", "dgl", "--microbatches", "2"], "invalid --microbatches 2: dgl trains "
+                                                      "each batch whole"),
     (["fit", "--lr", "-1"], "invalid lr: Input should be greater than 0"),
     (["fit", "--dataset", "imagenet1k"], "unknown dataset 'imagenet1k'"),
     (["fit", "--data-dir", "/no/such"], "data directory '/no/such' does not exist"),

@@ -70,9 +70,11 @@ def preflight(cfg: Any) -> None:
     output folder (usable, and holding no other run), TensorBoard."""
     from localearn import expr
     from localearn.engine import checkpoint
+    from localearn.engine.stages import check_microbatches
     from localearn.runlog import require_tensorboard
 
     rule = expr.build(cfg.rule)
+    check_microbatches(rule, cfg.microbatches, cfg.batch_size, cfg.stages, cfg.drop_last)
     if cfg.stages > 1:
         from localearn.engine.stages import check_pipelinable, parse_stage_cuts
 

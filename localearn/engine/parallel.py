@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from localearn import distributed as dist_
+from localearn.context import StagePlace
 
 
 class NonFiniteLoss(Exception):
@@ -34,6 +35,7 @@ class Single:
     """One process: every module here, statistics read at once, nothing to synchronise."""
 
     stage_mode = "sync"
+    microbatches = 1  # --microbatches, for a rule that takes them (`make_strategy` sets it)
 
     def __init__(self, env: dist_.DistEnv | None = None) -> None:
         self.env = env or dist_.DistEnv()
@@ -80,6 +82,13 @@ class Single:
 
     def take_back(self, like: Tensor) -> Tensor:
         raise RuntimeError("take_back: this process has no next stage")
+
+    def stage_place(self) -> StagePlace | None:
+        """Where this process stands in a lockstep pipeline (None: it is not on one)."""
+        return None
+
+    def add_wait(self, seconds: float) -> None:
+        """Time a lockstep rule spent blocked on other stages (the idle fraction's)."""
 
     # -- statistics and the verdict
     def local_slots(self, k: int, count: int) -> tuple[int, int]:

@@ -266,7 +266,7 @@ class Pipeline(Single):
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
-    def _receive(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _receive(self) -> tuple[Tensor | None, Tensor, Tensor]:
         src = self._peer(self.layout.stage - 1)
         header = torch.zeros(HEADER, dtype=torch.long)
         start = time.perf_counter()
@@ -277,26 +277,28 @@ class Pipeline(Single):
                 raise DataEnd
             ndim, dtype = int(header[1]), DTYPES[int(header[-1])]
             shape = [int(v) for v in header[2:2 + ndim]]
-            x = torch.empty(shape, dtype=dtype, device=self.device)
+            x = torch.empty(shape, dtype=dtype, device=self.device) if ndim else None
             images = torch.empty(int(header[0]), *self.net.input_shape, device=self.device)
             targets = torch.empty(int(header[0]), dtype=torch.long, device=self.device)
             for t in (x, images, targets):
-                dist.recv(t, src)
+                if t is not None:  # a lockstep batch travels without activations
+                    dist.recv(t, src)
         except RuntimeError as exc:
             raise self._lost(exc, "receiving activations") from None
         self.waited += time.perf_counter() - start
-        return self.same_format(x), self.same_format(images), targets
+        return (None if x is None else self.same_format(x)), self.same_format(images), targets
 
-    def _send(self, x: Tensor, images: Tensor, targets: Tensor) -> None:
+    def _send(self, x: Tensor | None, images: Tensor, targets: Tensor) -> None:
         dst = self._peer(self.layout.stage + 1)
-        x = x.detach().contiguous()
         header = torch.zeros(HEADER, dtype=torch.long)
-        header[0], header[1] = len(targets), x.dim()
-        header[2:2 + x.dim()] = torch.tensor(x.shape)
-        header[-1] = DTYPES.index(x.dtype)
+        header[0] = len(targets)
+        if x is not None:
+            x = x.detach().contiguous()
+            header[1], header[-1] = x.dim(), DTYPES.index(x.dtype)
+            header[2:2 + x.dim()] = torch.tensor(x.shape)
         try:
             self._sends.append([dist.isend(t, dst) for t in
-                                (header, x, images.contiguous(), targets)])
+                                (header, x, images.contiguous(), targets) if t is not None])
             while len(self._sends) > self.lag:  # bounded: at most `lag` batches in flight
                 for work in self._sends.popleft():
                     work.wait()

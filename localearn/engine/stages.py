@@ -18,8 +18,8 @@ from localearn.engine.stage_costs import balance, measured_cuts, module_costs, t
 from localearn.errors import SameOnEveryRank, UserError
 from localearn.interfaces import SplitNetwork, UpdateRule
 
-__all__ = ["Layout", "StageLost", "balance", "check_pipelinable", "layout_of", "module_costs",
-           "parse_stage_cuts", "plan_cuts", "stage_ranges", "timed"]
+__all__ = ["Layout", "StageLost", "balance", "check_microbatches", "check_pipelinable",
+           "layout_of", "module_costs", "parse_stage_cuts", "plan_cuts", "stage_ranges", "timed"]
 
 
 class StageLost(UserError):
@@ -95,8 +95,23 @@ def check_pipelinable(rule: UpdateRule, k: int | None, stages: int, *,
                               "without --stages")
     if k is not None and k < stages:
         raise SameOnEveryRank(f"--stages {stages} needs at least {stages} local modules; "
-                              f"{rule.expression} trains K={k}")
+                              f"{rule.expression} trains K={k} (give --k {stages} or more)")
     return rule
+
+
+def check_microbatches(rule: UpdateRule, microbatches: int, batch_size: int, stages: int = 1,
+                       drop_last: bool = True) -> None:
+    """One line (`SameOnEveryRank`) unless ``rule`` trains with ``microbatches`` equal
+    microbatches of every batch of ``batch_size`` on ``stages`` stages."""
+    why = rule.microbatch_check(microbatches, stages)
+    if why:
+        raise SameOnEveryRank(f"invalid --microbatches {microbatches}: {why}")
+    if microbatches > 1 and batch_size % microbatches:
+        raise SameOnEveryRank(f"invalid --microbatches {microbatches}: it must divide "
+                              f"--batch-size {batch_size} (every microbatch the same size)")
+    if microbatches > 1 and not drop_last:
+        raise SameOnEveryRank(f"invalid --microbatches {microbatches}: an epoch's last partial "
+                              "batch may not divide into equal microbatches; drop --no-drop-last")
 
 
 def plan_cuts(cfg, rule: UpdateRule, net: SplitNetwork, env: dist_.DistEnv) -> list[int]:

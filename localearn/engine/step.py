@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from localearn import distributed as dist_
 from localearn import losses
+from localearn.context import StagePlace
 from localearn.engine.parallel import DataEnd, NonFiniteLoss, Single
 from localearn.engine.recipe import StepRecipe
 from localearn.errors import UserError
@@ -85,6 +86,16 @@ class EngineContext:
 
     def take_back(self, like: Tensor) -> Tensor:
         return self.strategy.take_back(like)
+
+    @property
+    def microbatches(self) -> int:
+        return self.strategy.microbatches
+
+    def stage_place(self) -> StagePlace | None:
+        return self.strategy.stage_place()
+
+    def add_wait(self, seconds: float) -> None:
+        self.strategy.add_wait(seconds)
 
 
 def is_legacy(rule: UpdateRule) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -119,20 +119,55 @@ class BP(UpdateRule):
     """End-to-end back-propagation (one module, K=1).
 
     Option ``checkpoint``: none|unit|sqrt|N, activation checkpointing by segments of units
-    (see the module docstring); ``none``, the default, is plain bp."""
+    (see the module docstring); ``none``, the default, is plain bp. Option ``schedule``:
+    one_f_one_b (1F1B) or gpipe, torch's pipeline schedule on ``--stages``
+    (`bp_pipeline`); with it the network may be cut into any K modules (default: one per
+    unit), which are only where the stages may cut it: the training is end to end whatever
+    K. ``--microbatches M`` cuts
+    each batch into M microbatches, on stages or, with their gradients accumulated, in one
+    process."""
 
     description = ("end-to-end back-propagation through the whole network (K=1); "
-                   "checkpoint=unit|sqrt|N recomputes activations in the backward pass")
+                   "checkpoint=unit|sqrt|N recomputes activations in the backward pass; on "
+                   "--stages, one pipeline under torch's schedule=one_f_one_b|gpipe (any K)")
 
-    def __init__(self, checkpoint: CheckpointValue = None) -> None:  # type: ignore[assignment]
+    stage_lockstep = True  # on --stages: one pipeline, every stage on the same batch
+
+    def __init__(self, checkpoint: CheckpointValue = None,  # type: ignore[assignment]
+                 schedule: Literal["one_f_one_b", "gpipe"] | None = None) -> None:
         super().__init__()
         self.checkpoint = parse_checkpoint(checkpoint)
+        self.schedule = schedule
+        self._pipe: Any = None
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
+        """K=1; with a ``schedule``, any K (default: one module per unit): the modules are
+        only where ``--stages`` may cut the network, the training is end to end whatever K."""
+        if self.schedule is not None:
+            return super().num_modules(requested, num_units)
         if requested not in (None, 1):
             raise UserError(f"rule 'bp' trains end to end, so K must be 1 (got K={requested}); "
-                            "drop --k or use a local rule such as dgl")
+                            "drop --k or use a local rule such as dgl (or pipeline it: "
+                            "bp(schedule=one_f_one_b) with --stages)")
         return 1
+
+    def stage_check(self, ranges: list[range], mode: str, precision: str) -> str | None:
+        if self.schedule is None:
+            return ("bp runs on stages as one pipeline under torch's schedules: name one, "
+                    "bp(schedule=one_f_one_b) or bp(schedule=gpipe)")
+        if precision == "16":
+            return ("bp on stages runs torch's pipeline schedules, which take no fp16 loss "
+                    "scaling; use --precision bf16 or 32")
+        if self.checkpoint is not None:
+            return (f"{self.expression} recomputes segments of the whole network; drop "
+                    "checkpoint=... on stages")
+        return None
+
+    def microbatch_check(self, microbatches: int, stages: int) -> str | None:
+        if self.schedule == "one_f_one_b" and 1 < stages and microbatches < stages:
+            return (f"{self.expression} on {stages} stages needs at least {stages} "
+                    "microbatches (1F1B keeps one in flight per stage); or schedule=gpipe")
+        return None
 
     def configure(self, net: SplitNetwork) -> None:
         segment_bounds(len(net.units), self.checkpoint)  # a segment count the model allows
@@ -167,6 +202,18 @@ class BP(UpdateRule):
 
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:
+        place = ctx.stage_place()
+        if place is not None or ctx.modules(net.k) != range(net.k) or ctx.microbatches > 1:
+            from localearn_plugins import bp_pipeline  # torch's pipelining, loaded when used
+
+            if place is not None:  # a lockstep pipeline over torch's schedules
+                if self._pipe is None:
+                    self._pipe = bp_pipeline.StagePipe(net, ctx.modules(net.k), place,
+                                                       ctx.microbatches, self.schedule)
+                return self._pipe.step(ctx, images, targets)
+            if ctx.modules(net.k) != range(net.k):  # timed as a stage of its own
+                return bp_pipeline.alone(ctx, net, images, targets)
+            return bp_pipeline.accumulate(ctx, net, self.logits, images, targets)
         logits = self.logits(net, images)
         loss = cross_entropy(logits, targets)
         ctx.backward(loss)
