@@ -219,7 +219,7 @@ def test_other_backbones_are_refused_in_one_line():
     rule = expr.build("auglocal")
     from localearn.build import build_network
 
-    with pytest.raises(UserError, match="as ResNet blocks; convnext_tiny has Sequential units"):
+    with pytest.raises(UserError, match="or copies ViT blocks; convnext_tiny has Sequential units"):
         build_network("convnext_tiny", 8, rule, 10, (3, 32, 32))
 
 

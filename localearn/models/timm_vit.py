@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from localearn.errors import UserError
 from localearn.models.timm_any import BlockGroupsSplitter, create
+from localearn.models.token_grid import TokenGrid
 
 __all__ = ["TimmViTSplitter", "ViTClassifier", "ViTStem", "deit_small", "deit_tiny",
            "vit_cifar", "vit_small", "vit_tiny"]
@@ -74,6 +75,17 @@ class ViTStem(nn.Module):
         self.no_embed_class = bool(vit.no_embed_class)
         self.dynamic_img_size = bool(vit.dynamic_img_size)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
+
+    def token_grid(self, input_shape: Shape3) -> TokenGrid | None:
+        """How the stem's output lays out at ``input_shape`` (C, H, W): the prefix tokens, then
+        the patches row by row; None under patch dropout (the token count varies)."""
+        if not isinstance(self.patch_drop, nn.Identity) or input_shape is None:
+            return None
+        if self.dynamic_img_size:
+            height, width = self.patch_embed.dynamic_feat_size(tuple(input_shape[1:]))
+        else:
+            height, width = self.patch_embed.grid_size
+        return TokenGrid(self.num_prefix_tokens, int(height), int(width))
 
     def prefix(self, batch: int) -> list[Tensor]:
         tokens = [t for t in (self.cls_token, self.reg_token) if t is not None]

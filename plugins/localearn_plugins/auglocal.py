@@ -15,6 +15,7 @@ head. See docs/auglocal.md.
 
 from __future__ import annotations
 
+import copy
 import math
 from fractions import Fraction
 
@@ -32,6 +33,7 @@ from localearn.interfaces import (
 )
 from localearn.models.cifar_resnet import BasicBlock, init_weights
 from localearn.network import SplitNetwork
+from localearn_plugins.linear import TokenMean
 
 
 def sampled_layers(last: int, num_units: int, depth: int) -> list[int]:
@@ -109,6 +111,40 @@ class AugLocalHead(AuxHead):
         return cross_entropy(self(features), targets)
 
 
+def fresh_copy(unit: nn.Module) -> nn.Module:
+    """A transformer block shaped like ``unit`` with fresh weights: its linear layers drawn as
+    timm draws a ViT's (truncated normal, std 0.02, zero bias), its norms reset."""
+    from timm.models.vision_transformer import init_weights_vit_timm
+
+    block = copy.deepcopy(unit).requires_grad_(True)
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            init_weights_vit_timm(module, name)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+    return block
+
+
+class AugLocalTokenHead(AuxHead):
+    """AugLocal on a (T, D) token boundary: fresh copies of the sampled later transformer
+    blocks (every block keeps the (T, D) shape, so any of them can follow any module), then the
+    final LayerNorm, the average over the tokens and ``Linear(D, classes)``; cross-entropy."""
+
+    def __init__(self, shape: Shape, info: DataInfo, layers: list[int], units: list[nn.Module],
+                 depth: int) -> None:
+        super().__init__(shape, info)
+        self.layers, self.depth = list(layers), depth
+        self.blocks = nn.Sequential(*(fresh_copy(units[u]) for u in layers))
+        self.classifier = nn.Sequential(nn.LayerNorm(shape[1], eps=1e-6), TokenMean(),
+                                        nn.Linear(shape[1], info.num_classes))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.classifier(self.blocks(features))
+
+    def loss(self, features: Tensor, targets: Tensor, images: Tensor) -> Tensor:
+        return cross_entropy(self(features), targets)
+
+
 class AugLocal(LocalRule):
     """AugLocal: an auxiliary net of ``d`` fresh blocks shaped like uniformly sampled later
     layers per local module, its depth shrinking linearly toward the output (``tau``).
@@ -143,12 +179,19 @@ class AugLocal(LocalRule):
         return k
 
     def configure(self, net: SplitNetwork) -> None:
+        shapes = net.unit_shapes
+        self.tokens = len(shapes[0]) == 2  # a ViT's (T, D) boundaries
         other = [u for u in net.units[1:] if not isinstance(u, _block_kinds())]
-        if other:
+        if self.tokens and any(s != shapes[0] for s in shapes[:-1]):
+            raise UserError(f"auglocal copies later transformer blocks, which needs every "
+                            f"boundary of {net.model_name or 'this model'} to have one shape "
+                            f"(got {sorted(set(shapes[:-1]))})")
+        if other and not self.tokens:
             name = net.model_name or "this model"
-            raise UserError(f"auglocal builds its auxiliary blocks as ResNet blocks; {name} has "
-                            f"{type(other[0]).__name__} units (supported: resnet32, resnet110, "
-                            "resnet34, resnet101, resnet152)")
+            raise UserError(f"auglocal builds its auxiliary blocks as ResNet blocks, or copies "
+                            f"ViT blocks; {name} has {type(other[0]).__name__} units on feature "
+                            "maps (supported: resnet32, resnet110, resnet34, resnet101, "
+                            "resnet152, and ViT/DeiT models)")
         self._units = list(net.units)  # a plain list: the blocks' kinds, never trained here
         self._last_units = [r[-1] for r in net.unit_ranges]
         self._unit_shapes = list(net.unit_shapes)
@@ -157,6 +200,9 @@ class AugLocal(LocalRule):
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         depth = pyramid_depth(self.d, self.tau, index, self._num_local)
         layers = sampled_layers(self._last_units[index], len(self._unit_shapes), depth)
+        if len(shape) == 2:
+            # the last unit (the final block, ending in the classifier's module) is a block too
+            return AugLocalTokenHead(shape, info, layers, self._units, depth)
         return AugLocalHead(shape, info, layers, self._units, self._unit_shapes, depth)
 
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from localearn.errors import UserError
 from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork, cross_entropy
+from localearn.models.token_grid import TokenGrid, on_grid, token_grid
 from localearn_plugins.linear import TokenMean
 
 Style = Literal["dgl", "public"]
@@ -158,17 +159,22 @@ class DGL(LocalRule):
                              "head's widths are fixed")
         self.style, self.width, self.max_width = style, width, max_width
         self.model = ""  # the model's registered name, set by `configure`
+        self.grid: TokenGrid | None = None  # a transformer's patch grid, set by `configure`
 
     def configure(self, net: SplitNetwork) -> None:
         self.model = net.model_name
+        self.grid = token_grid(net)
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         if len(shape) == 2:  # (T, D) tokens: a transformer's boundary
+            if self.style == "public" and self.grid is not None:  # on the patch grid
+                return on_grid(PublicDGLHead(self.grid.map_shape(shape), info), self.grid,
+                               shape)
             if self.style == "public":
                 raise UserError(f"rule {self.expression!r} cannot train model {self.model!r}: "
                                 "the public DGL head takes (C, H, W) feature maps and this "
-                                f"model's boundaries are (T, D) tokens {tuple(shape)}; use dgl "
-                                "(its token head) or linear")
+                                f"model's boundaries are (T, D) tokens {tuple(shape)} with no "
+                                "fixed patch grid; use dgl (its token head) or linear")
             return DGLTokenHead(shape, info, self.width, self.max_width)
         if self.style == "public":
             return PublicDGLHead(shape, info)

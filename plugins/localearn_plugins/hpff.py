@@ -37,6 +37,7 @@ from localearn.interfaces import (
     UpdateRule,
     cross_entropy,
 )
+from localearn.models.token_grid import TokenGrid, on_grid, token_grid
 
 from .mlaan import MLAAN
 
@@ -111,6 +112,8 @@ class PatchFusion(LocalRule):
         if patches < 1:
             raise ValueError(f"patches must be at least 1 (got {patches})")
         self.base, self.patches = base, patches
+        self.grid: TokenGrid | None = None  # a transformer's patch grid, set by `configure`
+        self.model_name = ""
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
         if isinstance(self.base, UpdateRule):
@@ -119,8 +122,20 @@ class PatchFusion(LocalRule):
 
     def configure(self, net: SplitNetwork) -> None:
         self.base.configure(net)
+        self.grid, self.model_name = token_grid(net), net.model_name
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        if len(shape) == 2:  # (T, D) tokens: the patches are cut from the patch grid
+            grid = self.grid
+            if grid is None:
+                raise UserError(f"patch fusion cannot train model "
+                                f"{self.model_name or 'this model'!r}: it cuts "
+                                "a feature map into patches, and this model's (T, D) "
+                                f"boundaries {tuple(shape)} have no fixed patch grid (patch "
+                                "dropout?); turn patch dropout off or use dgl")
+            inner = PatchHead(self.base, index, num_modules, grid.map_shape(shape), info,
+                              self.patches)
+            return on_grid(inner, grid, shape)
         return PatchHead(self.base, index, num_modules, shape, info, self.patches)
 
 

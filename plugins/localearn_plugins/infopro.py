@@ -30,6 +30,7 @@ from torch import nn
 
 from localearn.errors import UserError
 from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
+from localearn.models.token_grid import TokenGrid, on_grid, token_grid
 from localearn_plugins.infopro_heads import (  # noqa: F401  (re-exported)
     HEAD_PATTERN,
     Decoder,
@@ -181,12 +182,16 @@ class InfoPro(LocalRule):
         self.ratios: list[float] | None = None  # `stage_ratios`, set by `configure`
         self.model: str | None = None  # set by `configure`; picks the row of `DEFAULTS`
         self.dataset = FALLBACK_DATASET  # set from the DataInfo by `setup` / `make_head`
+        self.grid: TokenGrid | None = None  # a transformer's patch grid, set by `configure`
+        self.model_name = ""
 
     def configure(self, net: SplitNetwork) -> None:
         """Learn which backbone ``net`` is and how it was split, for the per-model defaults
         (`build_network` calls it, before any head is made)."""
         self.model = identify(net)
         self.ratios = stage_ratios(net)
+        self.grid = token_grid(net)
+        self.model_name = net.model_name
 
     def ramp_ends(self, num_modules: int) -> dict[str, float]:
         """``ixx_1, ixx_2, ixy_1, ixy_2`` in force for K = ``num_modules``: the user's values,
@@ -231,6 +236,16 @@ class InfoPro(LocalRule):
         return super().setup(net, info)
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
+        if len(shape) == 2:  # (T, D) tokens: the decoder and classifier see the patch grid
+            grid = self.grid
+            if grid is None:
+                raise UserError(f"rule 'infopro' cannot train model "
+                                f"{self.model_name or 'this model'!r}: its "
+                                "decoder needs the patch tokens on a fixed grid, and this "
+                                f"model's (T, D) boundaries {tuple(shape)} have none (patch "
+                                "dropout, or no patch grid); turn patch dropout off or use dgl")
+            return on_grid(self.make_head(index, num_modules, grid.map_shape(shape), info),
+                           grid, shape)
         self.dataset = identify_dataset(info)
         ixx, ixy = self.weights(index, num_modules)
         return InfoProHead(shape, info, ixx, ixy, self.loss_mode, self.head, self.widen,

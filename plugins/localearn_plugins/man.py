@@ -37,26 +37,50 @@ def momentum_mix(block: nn.Module, twin: nn.Module, scale: Tensor | None, h: Ten
     return scale * block(h) + (2 - scale) * twin(h)
 
 
+def momentum_leap(blocks: nn.ModuleList, twin: nn.Module, scale: Tensor | None,
+                  h: Tensor) -> Tensor:
+    """`momentum_mix` on the first copied block, then the other copies in order."""
+    y = momentum_mix(blocks[0], twin, scale, h)
+    for block in blocks[1:]:
+        y = block(y)
+    return y
+
+
 class MAN(MLAAN):
     """MAN over a base rule; ``learn_scale=true`` is MAN++ (also registered as ``manpp``).
 
     Options: ``ema`` the momentum m (0.995; 1.0 freezes the twins, the public CIFAR code's
     default, a bug there), ``learn_scale`` (MAN++'s learnable s), ``recompute`` (as MLAAN's:
-    checkpoint the copied block and twin, keep no module graph)."""
+    checkpoint the copied block and twin, keep no module graph), ``depth`` (how many blocks of
+    the next module LB_j copies, 1; the first is mixed with its twin, the others follow it:
+    MAN++'s ViT heads copy 2, ``manpp(linear(pool=cls, norm=true), depth=2)``)."""
 
     description = ("MAN: each head reads a trained copy plus an EMA twin of the next module's "
                    "first block (ECCV 2024), e.g. man(dgl); learn_scale=true is MAN++")
 
     def __init__(self, base: HeadFactory, ema: float = 0.995, learn_scale: bool = False,
-                 recompute: bool = False) -> None:
-        super().__init__(base, k=1, wx=0.0, wy=1.0, ema=ema, p=1, recompute=recompute)
+                 recompute: bool = False, depth: int = 1) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 (got {depth}): how many blocks of the "
+                             "next module each head copies")
+        super().__init__(base, k=1, wx=0.0, wy=1.0, ema=ema, p=depth, recompute=recompute)
+        self.depth = depth
         self.independent = False  # MAN has only the head on y
         self.learn_scale = learn_scale
         self.scales = nn.ParameterList()
 
     def _leap_table(self, net: SplitNetwork) -> dict[int, list[int]]:
-        # LB_j and EMA_j copy the first block of module j+1
-        return {i: [net.unit_ranges[i + 1][0]] for i in self.cascades}
+        # LB_j and EMA_j copy the first block of module j+1 (LB_j its first `depth` blocks)
+        table = {}
+        for i in self.cascades:
+            units = list(net.unit_ranges[i + 1])
+            if len(units) < self.depth:
+                fewest = min(len(r) for r in net.unit_ranges[1:])
+                raise UserError(f"{self.expression}: depth={self.depth} copies the first "
+                                f"{self.depth} blocks of the next module, and module {i + 1} "
+                                f"has {len(units)}; at K={net.k} valid: depth <= {fewest}")
+            table[i] = units[:self.depth]
+        return table
 
     def setup(self, net: SplitNetwork, info: DataInfo) -> nn.Module:
         aux = super().setup(net, info)
@@ -85,11 +109,11 @@ class MAN(MLAAN):
     def lam_forward(self, i: int, z: Tensor) -> Tensor:
         """y_i = s * LB_i(h_i) + (2 - s) * EMA_i(h_i)."""
         c = self._position[i]
-        block, twin = self.copies[c][0], self.twins[str(self.blocks[c][0])]
+        blocks, twin = self.copies[c], self.twins[str(self.blocks[c][0])]
         scale = self.scales[c] if self.learn_scale else None
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(momentum_mix, block, twin, scale, z, use_reentrant=False)
-        return momentum_mix(block, twin, scale, z)
+            return checkpoint(momentum_leap, blocks, twin, scale, z, use_reentrant=False)
+        return momentum_leap(blocks, twin, scale, z)
 
 
 class MANPP(MAN):
@@ -97,5 +121,6 @@ class MANPP(MAN):
 
     description = "MAN++: MAN with a learnable scale s between the copy and its EMA twin"
 
-    def __init__(self, base: HeadFactory, ema: float = 0.995, recompute: bool = False) -> None:
-        super().__init__(base, ema=ema, learn_scale=True, recompute=recompute)
+    def __init__(self, base: HeadFactory, ema: float = 0.995, recompute: bool = False,
+                 depth: int = 1) -> None:
+        super().__init__(base, ema=ema, learn_scale=True, recompute=recompute, depth=depth)
