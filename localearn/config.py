@@ -21,6 +21,8 @@ from localearn.errors import UserError
 
 #: the largest float32: a learning rate or weight decay above it overflows in the update
 FLOAT32_MAX = 3.4028234663852886e38
+#: where AdamW's warm-up starts unless --warmup-lr says (DeiT's recipe)
+ADAMW_WARMUP_LR = 1e-6
 #: seeds are -2**63..2**63-1 (torch, numpy and the samplers derive their own seeds)
 SEED_MAX = 2**63 - 1
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -250,9 +252,10 @@ class FitConfig(BaseModel):
                              f"({self.epochs})")
         return self
 
-
     @model_validator(mode="after")
     def _recipe(self) -> FitConfig:
+        if self.optimizer == "adamw" and "warmup_lr" not in self.model_fields_set:
+            self.warmup_lr = ADAMW_WARMUP_LR  # a warm-up from 0.01 would fall to AdamW's rates
         mixing = self.mixup > 0 or self.cutmix > 0
         if mixing and self.batch_size % 2:
             raise ValueError(f"mixup and cutmix pair each image with another of its batch, so "
