@@ -93,7 +93,7 @@ def test_every_preset_is_valid_and_its_rule_builds(path):
     torch.manual_seed(0)
     rule = expr.build(rule_text)
     net = build_network(model, k, rule, info.num_classes, info.input_shape, split)
-    assert net.k == (1 if rule_text == "bp" else UNITS[model])
+    assert net.k == (1 if rule_text == "bp" else UNITS.get(model, k))
     if model not in HEAVY:
         aux = rule.setup(net, info)
         if rule_text.startswith(("mlaan", "lam")):
@@ -174,3 +174,18 @@ def test_no_tracker_or_machine_references(path):
 @pytest.mark.parametrize("path", [p for p in ALL if '"cifar10"' in p.read_text()], ids=name)
 def test_cifar10_presets_say_what_the_shards_hold(path):
     assert "cifar10-shards" in path.read_text() and "JPEG-recompressed" in path.read_text()
+
+
+def test_the_man_plus_plus_vit_preset_holds_the_public_recipe():
+    cfg = make_config(CONFIGS / "man" / "imagenet-vit_tiny-manpp.toml")
+    assert (cfg.rule, cfg.model, cfg.k, cfg.split) == (
+        "manpp(linear(pool=cls, norm=true), depth=2)", "vit_tiny", 4, "groups")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.decay_on) == ("adamw", 0.001, 0.05,
+                                                                        "all")
+    assert (cfg.epochs, cfg.batch_size, cfg.schedule) == (90, 128, "public_imagenet")
+    assert cfg.label_smoothing == 0 and cfg.mixup == 0 and cfg.clip_grad is None
+    rule = expr.build(cfg.rule)
+    net = build_network(cfg.model, cfg.k, rule, 1000, (3, 224, 224), cfg.split)
+    assert [len(r) for r in net.unit_ranges] == [4, 3, 3, 3]  # stem + 3 blocks, then 3 each
+    aux = rule.setup(net, DataInfo(1000, (3, 224, 224), (0.5,) * 3, (0.5,) * 3))
+    assert [len(c) for c in aux["copies"]] == [2, 2, 2] and len(aux["twins"]) == 3
