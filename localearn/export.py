@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from localearn.engine.atomic import atomic_write_bytes, os_problem, short_path
-from localearn.engine.checkpoint import SavedRun, check_state
+from localearn.engine.checkpoint import SavedRun, check_state, evaluated_weights
 from localearn.engine.rundir import resolve
 from localearn.errors import UserError
 
@@ -35,8 +35,9 @@ def export_safetensors(path: Path, out: Path | None = None, *, overwrite: bool =
     saved = SavedRun.open(path)
     info = saved.info
     net = build_run(saved.fit_config(), info=info).net
-    check_state(net, saved.state["model"], "model", path)
-    net.load_state_dict(saved.state["model"])
+    weights = evaluated_weights(saved.state)  # the weight average, when the run kept one
+    check_state(net, weights, "model", path)
+    net.load_state_dict(weights)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
     metadata = export_metadata(saved.config, saved.state, info)
     atomic_write_bytes(out, save(tensors, metadata=metadata))

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 from helpers import INFO, batch
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from localearn import losses
@@ -18,6 +19,7 @@ from localearn.context import PlainContext
 from localearn.engine import Trainer, TrainingInterrupted
 from localearn.engine.recipe import BatchRecipe, StepRecipe
 from localearn.errors import UserError
+from localearn.export import export_safetensors
 from localearn.optim import clip_groups
 
 
@@ -184,3 +186,9 @@ def test_adamw_clipping_mixup_and_ema_resume_exactly(tmp_path):
     # the weight average is what was evaluated, and it differs from the trained weights
     assert any(not torch.equal(a["ema"]["ema.module." + k], v) for k, v in a["model"].items()
                if v.is_floating_point())
+    # export writes the evaluated network: the average
+    exported = load_file(export_safetensors(done.checkpoint, tmp_path / "net.safetensors"))
+    trained = done.net.backbone.state_dict()
+    assert not all(torch.equal(exported[k], trained[k]) for k in exported)
+    average = resumed.run.ema.module.backbone.state_dict()
+    assert all(torch.equal(exported[k], average[k]) for k in exported)

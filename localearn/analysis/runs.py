@@ -162,8 +162,9 @@ def load_run(path: Path | str, device: str | torch.device = "cpu", *,
         expr.build(cfg["rule"])
     net = build_network(cfg["model"], cfg.get("k"), rule, num_classes, input_shape,
                         cfg.get("split", "even"))
-    ckpt_io.check_state(net, state["model"], "model", path)
-    net.load_state_dict(state["model"])
+    weights = ckpt_io.evaluated_weights(state)  # the weight average, when the run kept one
+    ckpt_io.check_state(net, weights, "model", path)
+    net.load_state_dict(weights)
     net.to(dev).eval()
     for p in net.parameters():
         p.requires_grad_(False)

@@ -117,6 +117,19 @@ def nonfinite_in(ckpt: dict[str, Any]) -> str | None:
     return first_nonfinite(named_tensors({k: v for k, v in parts.items() if v is not None}))
 
 
+#: where the averaged network's entries start in a checkpoint's ``ema`` (`WeightEma`)
+EMA_PREFIX = "ema.module."
+
+
+def evaluated_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network weights a run evaluated: its weight average (``--ema-decay``) when it kept
+    one, else the trained weights (``model``)."""
+    ema = ckpt.get("ema")
+    if ema:
+        return {k[len(EMA_PREFIX):]: v for k, v in ema.items() if k.startswith(EMA_PREFIX)}
+    return ckpt["model"]
+
+
 # ----------------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     """The process's RNG states (torch CPU and current CUDA device, numpy, random), stored
