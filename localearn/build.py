@@ -219,7 +219,9 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
     if cfg.compile:  # in place: state-dict names stay those of the plain modules
         for module in rule.compile_targets(net, aux):
             module.compile()
-    groups = clip_groups(rule, net, params, strategy.modules(net.k), cfg.clip_scope)
+    groups = [] if cfg.clip_grad is None else clip_groups(rule, net, params,
+                                                          strategy.modules(net.k),
+                                                          cfg.clip_scope)
     recipe = make_step_recipe(cfg, info, groups, ema)
     step = Step(rule, net, optimizer, device, cfg.precision, strategy, recipe)
     return Run(cfg, device, env, rule, net, aux, info, data, params, optimizer, step, ema)

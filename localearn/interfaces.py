@@ -250,6 +250,10 @@ class UpdateRule(ABC):
     #: steps unless all may. False: stage s trains batch t while stage s+1 trains batch t-1.
     stage_lockstep: ClassVar[bool] = False
 
+    #: True for a rule whose one loss trains every module (end-to-end back-propagation):
+    #: ``--clip-grad`` then clips one norm over all of them, as end-to-end recipes do
+    end_to_end: ClassVar[bool] = False
+
     def microbatch_check(self, microbatches: int, stages: int) -> str | None:
         """None when this rule trains with ``--microbatches`` ``microbatches`` on ``stages``
         stages (1: one process); else why not, in one line. The default takes 1 only: a rule

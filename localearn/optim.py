@@ -11,7 +11,8 @@ rule's auxiliary networks follow the same rule.
 module (the module with the auxiliary networks that train with it, `UpdateRule.stage_parts`),
 the faithful analogue for gradient-isolated modules of the end-to-end recipes' total norm, which
 would let one module's large gradient shrink every other module's step; or, with
-``clip_scope="global"``, one group of everything this process trains.
+``clip_scope="global"``, one group of everything this process trains. An end-to-end rule
+(`UpdateRule.end_to_end`: bp) is clipped as one group whatever the scope, as in timm.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from localearn.errors import UserError
 from localearn.interfaces import SplitNetwork, UpdateRule
 
 __all__ = ["clip_groups", "make_optimizer", "no_decay_ids", "param_groups"]
@@ -74,7 +76,13 @@ def clip_groups(rule: UpdateRule, net: SplitNetwork, params: list[nn.Parameter],
     """The parameters of ``params`` that this process trains, in the groups that are clipped
     to one norm each: per module of ``modules`` (its own parameters and those of
     ``rule.stage_parts`` for it; what no module claims forms one group of its own), or one
-    group for ``scope="global"``."""
+    group for ``scope="global"`` and for an end-to-end rule."""
+    one_norm = scope == "global" or rule.end_to_end
+    if one_norm and len(modules) != net.k:
+        raise UserError("--clip-grad over all modules (--clip-scope global, or an end-to-end "
+                        "rule such as bp) needs the gradient norm of every stage, which "
+                        "pipelined stages do not share yet; use --clip-scope module with a local "
+                        "rule, or drop --clip-grad or --stages")
     trained = {id(p) for p in params}
     claimed: set[int] = set()
     groups: list[list[nn.Parameter]] = []
@@ -92,6 +100,6 @@ def clip_groups(rule: UpdateRule, net: SplitNetwork, params: list[nn.Parameter],
         if rest:
             groups.append(rest)
     groups = [g for g in groups if g]
-    if scope == "global":
+    if one_norm:
         return [[p for g in groups for p in g]]
     return groups

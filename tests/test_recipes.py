@@ -76,6 +76,15 @@ def test_clipping_is_per_module_and_does_not_couple_modules():
     assert all(torch.equal(a, p.grad) for a, p in zip(small, groups[1]))  # untouched
     everything = clip_groups(run.rule, run.net, run.params, range(3), "global")
     assert len(everything) == 1 and len(everything[0]) == len(run.params)
+    with pytest.raises(UserError, match="every stage"):  # a stage holding modules 0 and 1
+        clip_groups(run.rule, run.net, run.params, range(2), "global")
+    assert len(clip_groups(run.rule, run.net, run.params, range(2), "module")) == 2
+
+
+def test_an_end_to_end_rule_clips_one_norm_over_its_modules():
+    run = _run(rule="bp(schedule=one_f_one_b)", k=3, clip_grad=1.0)
+    assert run.net.k == 3 and len(run.step.recipe.clip_groups) == 1
+    assert len(run.step.recipe.clip_groups[0]) == len(run.params)
 
 
 @pytest.mark.parametrize("rule,k", [

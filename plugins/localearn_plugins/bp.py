@@ -132,6 +132,7 @@ class BP(UpdateRule):
                    "--stages, one pipeline under torch's schedule=one_f_one_b|gpipe (any K)")
 
     stage_lockstep = True  # on --stages: one pipeline, every stage on the same batch
+    end_to_end = True  # --clip-grad clips the whole model's norm
 
     def __init__(self, checkpoint: CheckpointValue = None,  # type: ignore[assignment]
                  schedule: Literal["one_f_one_b", "gpipe"] | None = None) -> None:
