@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from localearn import expr, registry
@@ -163,3 +165,22 @@ def test_what_cannot_work_is_one_line(rule, model, k, says):
     with pytest.raises(UserError) as err:
         build_run(make_config(rule=rule, model=model, k=k, device="cpu"), info=INFO)
     assert "\n" not in str(err.value) and says in str(err.value), str(err.value)
+
+
+TOKEN_RULES = ["dgl", "linear", "infopro", "hpff(dgl)", "dgl(style=public)",
+               "auglocal(merge_tail=false)", "mlaan(dgl, k=2)",
+               "manpp(linear(pool=cls, norm=true), depth=2)"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(TOKEN_RULES), st.integers(2, 5), st.integers(0, 3))
+def test_isolation_over_vit_splits_for_any_k_and_rule(rule, k, seed):
+    # reach 2 for cascades of two modules (mlaan k=2, hpff) and heads that run copies of
+    # the next module's blocks (manpp)
+    reach = 2 if rule.startswith(("mlaan", "manpp", "hpff")) else 1
+    if rule.startswith("manpp"):
+        k = min(k, 3)  # depth=2 needs two blocks in every module after the first: K <= 3
+    # two classes: a batch of 4 always holds a pair of one class, which InfoPro's contrastive
+    # loss needs to have any gradient at all
+    check_isolation(rule, model="grid_vit", k=k, reach=reach, seed=seed,
+                    info=DataInfo(2, SHAPE, (0.5,) * 3, (0.25,) * 3))
