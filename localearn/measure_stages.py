@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ def _config(spec: dict, stages: int):
                      batch_size=spec["batch_size"], seed=spec["seed"], device="cpu",
                      precision=spec["precision"], channels_last=spec["channels_last"],
                      stages=stages, stage_cuts=spec.get("stage_cuts"),
-                     stage_mode=spec.get("stage_mode", "sync"), output_dir=Path("."))
+                     stage_mode=spec.get("stage_mode", "sync"),
+                     microbatches=spec.get("microbatches", 1) if stages > 1 else 1,
+                     output_dir=Path("."))
 
 
 def _batch(spec: dict):
@@ -171,9 +174,61 @@ def bench_stages(spec: dict, stages: int, warmup: int = 2, steps: int = 10,
                         speedup={t: result.images_per_s / v for t, v in base.items()})
 
 
+def bench_rules(specs: list, stages: int, *, microbatches: int = 1,
+                stage_cuts: str | None = None, stage_mode: str = "sync", warmup: int = 2,
+                steps: int = 10, threads: int = 1,
+                progress: Callable[[str], None] | None = None) -> list[StagesReport]:
+    """`bench_stages` for each rule of ``specs`` (`localearn.measure.RunSpec`), one after
+    another, each checked first. ``microbatches`` go to the rules that take them on
+    ``stages`` stages (`UpdateRule.microbatch_check`); the others train whole batches, and
+    their one-process baseline always does."""
+    from localearn import expr
+    from localearn.engine.stages import check_microbatches
+    from localearn.measure import resolve
+
+    plans = []
+    for spec in specs:
+        spec = resolve(spec)
+        rule = expr.build(spec.rule)
+        m = microbatches if len(specs) == 1 or rule.microbatch_check(
+            microbatches, stages) is None else 1
+        check_microbatches(rule, m, spec.batch_size, stages)
+        plans.append({**spec.model_dump(), "stage_cuts": stage_cuts, "stage_mode": stage_mode,
+                      "microbatches": m})
+    reports = []
+    for plan in plans:
+        if progress:
+            progress(f"bench --stages {stages}: {plan['rule']}...")
+        reports.append(bench_stages(plan, stages, warmup=warmup, steps=steps, threads=threads))
+    return reports
+
+
+def format_side_by_side(reports: list[StagesReport]) -> str:
+    """One line per rule: pipelined and one-process images/s, their ratio, each stage's idle
+    fraction, and the pipelined rate against the first rule's."""
+    first = reports[0]
+    p, s = first.pipelined, first.spec
+    lines = [f"bench --stages {p.stages}: {s['model']}, batch {s['batch_size']}, CPU, "
+             f"{p.threads} thread(s) per stage; {p.steps} timed steps after warm-up",
+             f"  {'rule':<34} {'K':>3} {'mb':>3} {'pipelined':>10} {'one proc':>9} "
+             f"{'ratio':>6}  {'idle per stage':<18} vs {s['rule']}"]
+    for r in reports:
+        one = r.one_process[min(r.one_process)]
+        idle = ", ".join(f"{v:.0%}" for v in r.pipelined.idle)
+        lines.append(f"  {r.spec['rule']:<34} {r.spec['k']:>3} "
+                     f"{r.spec.get('microbatches', 1):>3} {r.pipelined.images_per_s:>10.1f} "
+                     f"{one:>9.1f} {r.pipelined.images_per_s / one:>5.2f}x  {idle:<18} "
+                     f"{r.pipelined.images_per_s / p.images_per_s:.2f}x")
+    lines.append("  (images/s; one proc: the same rule in one process on "
+                 f"{min(first.one_process)} thread(s), whole batches; mb: microbatches)")
+    return "\n".join(lines)
+
+
 def format_stages(report: StagesReport) -> str:
     p, s = report.pipelined, report.spec
     mode = f", {s.get('stage_mode', 'sync')} mode"  # (local rules: the same either way)
+    if s.get("microbatches", 1) > 1:
+        mode += f", {s['microbatches']} microbatches"
     lines = [f"bench --stages {p.stages}: {s['rule']} on {s['model']} (K={s['k']}), batch "
              f"{s['batch_size']}, CPU{mode}; {p.steps} timed steps after warm-up (the rate over "
              f"the last {p.steps - 1}, the pipeline full)",

@@ -16,8 +16,14 @@ FRONTIER_RULES = ("bp", "bp(checkpoint=sqrt)", "dgl", "infopro", "auglocal", "ma
                   "hpff(dgl)", "mlaan(dgl)", "mlaan(dgl, recompute=true)")
 
 
-def _common(p: argparse.ArgumentParser, batch_size: int, *, rule: bool = True) -> None:
-    if rule:
+def _common(p: argparse.ArgumentParser, batch_size: int, *, rule: bool = True,
+            many: bool = False) -> None:
+    if many:
+        p.add_argument("--rule", action="append", metavar="RULE",
+                       help="rule expression (default: dgl); with --stages, repeat it to time "
+                            "several rules side by side, e.g. --rule dgl --rule "
+                            "'bp(schedule=one_f_one_b)'")
+    elif rule:
         p.add_argument("--rule", default="dgl", help="rule expression (default: dgl)")
     p.add_argument("--model", default="resnet32", help="registered model (default: resnet32)")
     p.add_argument("--k", type=int, help="number of local modules K (default: the rule's)")
@@ -77,21 +83,35 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from localearn.errors import UserError
     from localearn.measure import bench, format_bench
 
+    rules = args.rule or ["dgl"]
     if args.stages > 1:
-        from localearn.measure import resolve
-        from localearn.measure_stages import bench_stages, format_stages
+        from localearn.measure_stages import bench_rules, format_side_by_side, format_stages
 
-        spec = {**resolve(_spec(args)).model_dump(), "stage_cuts": args.stage_cuts,
-                "stage_mode": args.stage_mode}
-        report = bench_stages(spec, args.stages, warmup=args.warmup, steps=args.steps,
-                              threads=args.threads)
-        print(report.model_dump_json(indent=2) if args.json else format_stages(report))
+        reports = bench_rules([_spec(args, rule=r) for r in rules], args.stages,
+                              microbatches=args.microbatches, stage_cuts=args.stage_cuts,
+                              stage_mode=args.stage_mode, warmup=args.warmup,
+                              steps=args.steps, threads=args.threads,
+                              progress=_progress(args))
+        if len(reports) == 1:
+            print(reports[0].model_dump_json(indent=2) if args.json
+                  else format_stages(reports[0]))
+        elif args.json:
+            print(json.dumps({"reports": [r.model_dump(mode="json") for r in reports]},
+                             indent=2))
+        else:
+            print(format_side_by_side(reports))
         return 0
+    if len(rules) > 1:
+        raise UserError("several --rule are timed side by side with --stages N only; without "
+                        "it, bench times one rule against --vs")
+    if args.microbatches != 1:
+        raise UserError("--microbatches applies with --stages N only")
 
-    report = bench(_spec(args), vs=_vs(args.vs), vs_k=args.vs_k, warmup=args.warmup,
-                   steps=args.steps, progress=_progress(args))
+    report = bench(_spec(args, rule=rules[0]), vs=_vs(args.vs), vs_k=args.vs_k,
+                   warmup=args.warmup, steps=args.steps, progress=_progress(args))
     print(json.dumps(report.model_dump(mode="json"), indent=2) if args.json
           else format_bench(report))
     return 0
@@ -144,7 +164,7 @@ def add_commands(subparsers) -> None:
         description="Time a rule and a baseline interleaved in one process after a warm-up "
                     "(A B A B ...), report median step time, images/s, FLOPs per image "
                     "(FlopCounterMode) and achieved FLOP/s, with the ratios.")
-    _common(b, batch_size=128)
+    _common(b, batch_size=128, many=True)
     b.add_argument("--vs", default="bp", help="baseline rule, or none (default: bp)")
     b.add_argument("--warmup", type=int, default=2, help="warm-up steps each (default: 2)")
     b.add_argument("--steps", type=int, default=10,
@@ -158,6 +178,10 @@ def add_commands(subparsers) -> None:
                    help="with --stages, for MLAAN-family rules: sync or async (as in fit)")
     b.add_argument("--threads", type=int, default=1,
                    help="with --stages: threads per process (default: 1)")
+    b.add_argument("--microbatches", type=int, default=1,
+                   help="with --stages: cut each batch into N microbatches for the rules that "
+                        "take them, e.g. bp(schedule=...); the others train it whole "
+                        "(default: 1)")
     b.set_defaults(func=cmd_bench)
 
     f = subparsers.add_parser(
