@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU evidence in one markdown report: the device, the GPU tests, `localearn memory` at the
 # paper's Table III settings, `localearn bench` for bp/dgl/mlaan(dgl), `localearn frontier` (its
-# PNG beside the report) and a short CIFAR-10 training of bp and mlaan(dgl) with
-# --data-on-device. Sized for under 8 minutes on one H100.
+# PNG beside the report), ViT-S/16 memory and speed of local rules against BP, and a short
+# CIFAR-10 training of bp and mlaan(dgl) with --data-on-device. Sized for under 8 minutes on
+# one H100.
 #
 #   benchmarks/gpu_check.sh [REPORT] [DATA_DIR]
 #     REPORT    the markdown file to write (default: gpu-report.md)
@@ -38,6 +39,10 @@ if [ "$TINY" = 1 ]; then
     FRONTIER=(--rule bp --rule dgl --k 4 --batch-size 4 --memory-steps 1 --warmup 0 --steps 1)
     FIT=(--epochs 1 --batch-size 32 --train-limit 96 --test-limit 64 --workers 0)
     FIT_K=4
+    VIT=(--model vit_cifar --k 3 --batch-size 4)
+    VIT_MEMORY=(--steps 1 --no-rss-pass)
+    VIT_RULES=(dgl)
+    VIT_BENCH=()
 else
     TESTS=(tests)
     MEMORY_CONFIGS=(examples/configs/table3/*.toml)
@@ -46,6 +51,10 @@ else
     FRONTIER=(--k 16 --batch-size 1024 --warmup 3 --steps 10)
     FIT=(--epochs "${FIT_EPOCHS:-2}" --batch-size 128 --workers "${WORKERS:-8}")
     FIT_K=16
+    VIT=(--model vit_small --input-size 224 --num-classes 1000 --k 4 --batch-size 256)
+    VIT_MEMORY=()
+    VIT_RULES=(dgl "manpp(linear(pool=cls, norm=true), depth=2)" "mlaan(dgl, k=2)")
+    VIT_BENCH=(--warmup 3 --steps 10)
 fi
 
 failed=0
@@ -146,6 +155,18 @@ say "Peak memory (as \`localearn memory\`) and step time (as \`localearn bench\`
     "against BP, ResNet-32; the plane is in \`$(basename "$PLANE")\` beside this report." ""
 run "frontier" "$PYTHON" -m localearn frontier --model resnet32 "${FRONTIER[@]}" \
     --device "$DEVICE" -o "$PLANE" --overwrite
+
+say "## Transformers" ""
+say "A ViT cut into equal groups of blocks (\`--split groups\`): peak memory and step time of" \
+    "local rules against BP (full run: ViT-S/16 at 224x224, K=4, batch 256)." ""
+for rule in "${VIT_RULES[@]}"; do
+    run "memory: $rule over a ViT vs bp" "$PYTHON" -m localearn memory --rule "$rule" \
+        "${VIT[@]}" --split groups --vs bp "${VIT_MEMORY[@]}" --device "$DEVICE"
+done
+if [ "${#VIT_BENCH[@]}" != 0 ]; then
+    run "bench: dgl over a ViT vs bp" "$PYTHON" -m localearn bench --rule dgl "${VIT[@]}" \
+        --split groups --vs bp "${VIT_BENCH[@]}" --device "$DEVICE"
+fi
 
 say "## CIFAR-10 training with --data-on-device" ""
 say "ResNet-32 on the CIFAR-10 shards in \`$DATA\`, training images kept on the device." ""

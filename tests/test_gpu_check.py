@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["# GPU check", "## Device", "## GPU tests", "## Memory at the paper's Table III",
             "#### Memory summary", "## Speed: localearn bench", "### bench: dgl vs bp",
-            "### bench: mlaan(dgl) vs bp", "## CIFAR-10 training with --data-on-device",
+            "### bench: mlaan(dgl) vs bp", "## Transformers",
+            "### memory: dgl over a ViT vs bp", "## CIFAR-10 training with --data-on-device",
             "### fit: bp", "### fit: mlaan(dgl)", "#### Training summary", "## Result"]
 
 
