@@ -62,7 +62,11 @@ class BatchRecipe:
         std = images.new_tensor(self.info.std or (1.0,)).view(shape)
         pixels = ((images.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
         out = torch.stack([self.augment(img) for img in pixels])
-        return ((out.float() / 255 - mean) / std).to(images.dtype)
+        out = ((out.float() / 255 - mean) / std).to(images.dtype)
+        if images.dim() == 4 and not images.is_contiguous() and \
+                images.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # as it came
+        return out
 
 
 class WeightEma(nn.Module):

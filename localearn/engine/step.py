@@ -263,6 +263,8 @@ class Step:
     def sync(self, aux: nn.Module) -> None:
         """Every process's copy of the run made current (after `drain`)."""
         self.strategy.sync(self.net, aux)
+        if self.recipe.ema is not None:  # the average's BatchNorm statistics too
+            self.strategy.sync(self.recipe.ema.module, nn.ModuleList())
 
 
 def first_nonfinite_loss(result: StepResult) -> float:
