@@ -195,6 +195,9 @@ def test_adamw_clipping_mixup_and_ema_resume_exactly(tmp_path):
     # the weight average is what was evaluated, and it differs from the trained weights
     assert any(not torch.equal(a["ema"]["ema.module." + k], v) for k, v in a["model"].items()
                if v.is_floating_point())
+    with pytest.raises(UserError, match="optimizer 'adamw'"):  # another optimizer: refused
+        Trainer(make_config(**{**RECIPE, "optimizer": "sgd"}, output_dir=tmp_path / "cut",
+                            resume="latest", overwrite=True)).fit()
     # export writes the evaluated network: the average
     exported = load_file(export_safetensors(done.checkpoint, tmp_path / "net.safetensors"))
     trained = done.net.backbone.state_dict()

@@ -3,9 +3,9 @@
 
 A checkpoint is a `torch.save` file (a zip archive with a CRC-32 per record) holding a plain
 dict: the model, the auxiliary networks (heads, EMA twins...), any rule state, optimizer,
-gradient scaler, schedule position, every rank's RNG states, the data position (epoch and
-batches done in it), the epoch's running train statistics and the history so far. It loads
-with ``torch.load(path, weights_only=True)``.
+gradient scaler, schedule position, the weight average (``ema``, with ``--ema-decay``), every
+rank's RNG states, the data position (epoch and batches done in it), the epoch's running train
+statistics and the history so far. It loads with ``torch.load(path, weights_only=True)``.
 
 Before anything is used, the archive's CRCs are checked, the structure of every field is
 validated (a file that unpickles safely can still hold a malformed history or optimizer state)
