@@ -79,7 +79,8 @@ class FitConfig(BaseModel):
     warmup_epochs: float | None = Field(
         None, ge=0, description="linear warm-up before the cosine decay (default: 5% of the run)")
     warmup_lr: float = Field(0.01, ge=0,
-                             description="learning rate at the start of the warm-up")
+                             description="learning rate at the start of the warm-up "
+                             "(1e-6 with --optimizer adamw)")
     schedule: Literal["warmup_cosine", "public_cifar", "public_imagenet"] = Field(
         "warmup_cosine", description="learning-rate schedule: warmup_cosine (per step); "
         "public_cifar, public_imagenet (the public MLAAN trainers' per-epoch formulas, which "
