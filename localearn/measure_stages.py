@@ -204,23 +204,26 @@ def bench_rules(specs: list, stages: int, *, microbatches: int = 1,
 
 
 def format_side_by_side(reports: list[StagesReport]) -> str:
-    """One line per rule: pipelined and one-process images/s, their ratio, each stage's idle
-    fraction, and the pipelined rate against the first rule's."""
+    """One line per rule: its cut, pipelined and one-process images/s, their ratio, each
+    stage's idle fraction, and the pipelined rate against the first rule's."""
     first = reports[0]
     p, s = first.pipelined, first.spec
     lines = [f"bench --stages {p.stages}: {s['model']}, batch {s['batch_size']}, CPU, "
              f"{p.threads} thread(s) per stage; {p.steps} timed steps after warm-up",
-             f"  {'rule':<34} {'K':>3} {'mb':>3} {'pipelined':>10} {'one proc':>9} "
-             f"{'ratio':>6}  {'idle per stage':<18} vs {s['rule']}"]
+             f"  {'rule':<34} {'K':>3} {'mb':>3} {'cut':>5} {'pipelined':>10} "
+             f"{'one proc':>9} {'ratio':>6}  {'idle per stage':<18} vs {s['rule']}"]
     for r in reports:
         one = r.one_process[min(r.one_process)]
         idle = ", ".join(f"{v:.0%}" for v in r.pipelined.idle)
+        cut = ",".join(map(str, r.pipelined.starts))
         lines.append(f"  {r.spec['rule']:<34} {r.spec['k']:>3} "
-                     f"{r.spec.get('microbatches', 1):>3} {r.pipelined.images_per_s:>10.1f} "
+                     f"{r.spec.get('microbatches', 1):>3} {cut:>5} "
+                     f"{r.pipelined.images_per_s:>10.1f} "
                      f"{one:>9.1f} {r.pipelined.images_per_s / one:>5.2f}x  {idle:<18} "
                      f"{r.pipelined.images_per_s / p.images_per_s:.2f}x")
     lines.append("  (images/s; one proc: the same rule in one process on "
-                 f"{min(first.one_process)} thread(s), whole batches; mb: microbatches)")
+                 f"{min(first.one_process)} thread(s), whole batches; mb: microbatches; cut: "
+                 "the modules where stages 1.. start)")
     return "\n".join(lines)
 
 

@@ -184,6 +184,6 @@ def test_bench_times_several_rules_side_by_side_only_on_stages(capsys):
                                 report("dgl", 150.0, 75.0)])
     rows = text.splitlines()
     assert "vs bp(schedule=one_f_one_b)" in rows[1]
-    assert rows[2].split()[:6] == ["bp(schedule=one_f_one_b)", "16", "4", "100.0", "80.0",
-                                   "1.25x"]
+    assert rows[2].split()[:7] == ["bp(schedule=one_f_one_b)", "16", "4", "6", "100.0",
+                                   "80.0", "1.25x"]
     assert rows[3].split()[-1] == "1.50x" and "25%, 50%" in rows[3]
