@@ -1,6 +1,7 @@
 """Transformers from timm as split backbones: ViT, DeiT and Swin cut into local modules (the
 split forward equals timm's exactly), the ``groups`` policy, ``timm:NAME``, token heads for
-dgl and linear, one-line refusals, and short training runs on the digits data."""
+dgl and linear, one-line refusals, and short training runs of vit_cifar on the CIFAR-10
+shards."""
 
 from __future__ import annotations
 
@@ -235,15 +236,21 @@ def test_a_rule_whose_heads_take_maps_only_fails_in_one_line(tiny_models):
     assert "its heads take (C, H, W) feature maps" in line
 
 
-@pytest.mark.parametrize("rule, k", [("bp", None), ("dgl", 4), ("linear", 4)])
-def test_vit_cifar_trains_on_digits_with_falling_loss(tmp_path, rule, k):
-    # the same 16 digits every epoch: one step per epoch, so each epoch's loss is the batch's
+@pytest.mark.slow
+@pytest.mark.parametrize("rule, k", [("bp", 1), ("dgl", 3), ("mlaan(dgl, k=2)", 3)])
+def test_vit_cifar_beats_chance_on_cifar10(tmp_path, cifar_shards, rule, k):
+    # vit_cifar, K=3 in equal groups, 512 CIFAR-10 training images, 2 epochs at batch 32 (32
+    # steps), AdamW lr 1e-3, seed 0, 300 test images: measured bp 17.7%, dgl 18.7%, mlaan(dgl,
+    # k=2) 15.3%. Chance is 10% (standard error 1.7 points on 300 images), the bar 13%; the
+    # local losses must fall too. Longer runs over three seeds are in docs/results.md.
     from localearn import fit
 
-    result = fit(rule=rule, model="vit_cifar", k=k, epochs=3, train_limit=16, test_limit=8,
-                 batch_size=16, lr=0.01, progress=False, output_dir=str(tmp_path / "run"))
-    losses = [row["train_loss"] for row in result.history]
-    assert losses[2] < losses[1] < losses[0], losses
-    if k:  # every module's local loss falls too
+    cfg = make_config(rule=rule, model="vit_cifar", k=k, split="groups",
+                      dataset="cifar10-shards", data_dir=cifar_shards, train_limit=512,
+                      test_limit=300, epochs=2, batch_size=32, optimizer="adamw", lr=0.001,
+                      progress=False, output_dir=tmp_path, device="cpu")
+    result = fit(cfg)
+    assert result.test_acc > 0.13, result.test_acc
+    if k > 1:  # every module's local loss fell from the first epoch to the last
         first, last = result.history[0]["local_losses"], result.history[-1]["local_losses"]
-        assert len(first) == k - 1 and all(b < a for a, b in zip(first, last)), (first, last)
+        assert all(b < a for a, b in zip(first, last)), (first, last)
