@@ -22,8 +22,10 @@ def naive_step(rule, net, images, targets) -> float:
         z = inputs[max(0, i - k + 1)]
         for j in range(max(0, i - k + 1), i + 1):
             z = net.local_modules[j](z)
-        z = rule.lam_forward(i, z)
-        head = rule.cascade_heads[rule.cascades.index(i)]
+        c = rule.cascades.index(i)
+        for key, block in zip(rule.twin_keys[c], rule.copies[c]):  # the LAM, as written
+            z = block(z) if key is None else block(z) + rule.twins[key](z)
+        head = rule.cascade_heads[c]
         total = total + rule.wy * head.loss(z, targets, images)
     z = inputs[max(0, K - k)]
     for j in range(max(0, K - k), K):

@@ -53,8 +53,12 @@ leap tables `localearn_plugins.mlaan_leaps` and the twins' update `localearn_plu
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import warnings
+from collections.abc import Iterator
+from functools import partial
 from typing import Literal
 
 import torch
@@ -85,6 +89,35 @@ def _leap(block: nn.Module, twin: nn.Module | None, z: Tensor) -> Tensor:
     return block(z) if twin is None else block(z) + twin(z)
 
 
+@contextlib.contextmanager
+def _buffers_kept(*modules: nn.Module | None) -> Iterator[None]:
+    """Put the modules' buffers back as they were on entry: a forward run again for a backward
+    pass (activation checkpointing) leaves BatchNorm statistics as one forward left them."""
+    buffers = [b for m in modules if m is not None for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers, saved):
+                b.copy_(old)
+
+
+def _checkpointed(block: nn.Module, z: Tensor) -> Tensor:
+    """``block(z)`` keeping only ``z``: its activations are rebuilt in the backward pass, with
+    the same random state, and its buffers put back afterwards."""
+    rerun = partial(_buffers_kept, block)
+    return checkpoint(block, z, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), rerun()))
+
+
+def _leap_checkpointed(block: nn.Module, twin: nn.Module | None, z: Tensor) -> Tensor:
+    """`_leap` keeping only its input; the copy and the twin are checkpointed one by one, so
+    that the backward rebuilds (and frees) one of them at a time."""
+    out = _checkpointed(block, z)
+    return out if twin is None else out + _checkpointed(twin, z)
+
+
 class MLAAN(MLAANStep, MLAANStages, UpdateRule):
     """MLAAN over a base rule: cascades of depth k plus leap-augmented auxiliary networks."""
 
@@ -94,7 +127,8 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
     def __init__(self, base: HeadFactory, k: int = 3, wx: float = 0.001, wy: float = 0.999,
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
                  leaps: str | None = None, fuse: bool = True, recompute: bool = False,
-                 short_cascades: bool = False, twins: TwinMode = "paper") -> None:
+                 short_cascades: bool = False, twins: TwinMode = "paper",
+                 checkpoint_leap: Literal["largest", "all", "none"] = "largest") -> None:
         if not isinstance(base, HeadFactory):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
@@ -104,9 +138,14 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
             raise ValueError(f"p must be at least 0 (got {p})")
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"ema must lie in [0, 1] (got {ema})")
+        if checkpoint_leap not in ("largest", "all", "none"):
+            raise ValueError("checkpoint_leap must be one of largest, all, none (got "
+                             f"{checkpoint_leap!r})")
         self.base, self.k, self.wx, self.wy = base, k, wx, wy
         self.ema, self.p, self.ema_blocks, self.fuse = ema, p, ema_blocks, fuse
         self.recompute, self.short_cascades = recompute, short_cascades
+        self.checkpoint_leap = checkpoint_leap
+        self._rerun_first: set[int] = set()  # cascades whose first leap is checkpointed
         self.twin_mode = check_mode(twins)
         self.public_leaps = bool(leaps) and leaps.strip().lower() == "public"
         self.leap_table = parse_leaps(leaps) if leaps and not self.public_leaps else {}
@@ -174,10 +213,23 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
             shape = net.unit_shapes[blocks[-1]] if blocks else net.feature_shapes[i]
             cascade_heads.append(self.base.make_head(i, K, shape, info))
         self.heads, self.cascade_heads = heads, cascade_heads
+        self._rerun_first = self._first_leaps_checkpointed(net)
         self.copies, self.twins = copies, twins
         self.units = net.units
         return nn.ModuleDict({"heads": heads, "cascade_heads": cascade_heads, "copies": copies,
                               "twins": twins})
+
+    def _first_leaps_checkpointed(self, net: SplitNetwork) -> set[int]:
+        """The cascades whose first leap keeps only its input (``checkpoint_leap``): with
+        ``largest``, those that reach a module whose output has as many elements as the
+        network's largest module output (their LAM runs beside the largest kept graphs, so
+        the step's peak falls there); ``all`` every cascade, ``none`` none."""
+        if self.checkpoint_leap == "none":
+            return set()
+        sizes = [math.prod(shape) for shape in net.feature_shapes]
+        return {c for c, i in enumerate(self.cascades)
+                if self.checkpoint_leap == "all"
+                or max(sizes[max(0, i - self.k + 1):i + 1]) == max(sizes)}
 
     def _leap_table(self, net: SplitNetwork) -> dict[int, list[int]]:
         """The explicit leap table for ``net`` (empty: the policy everywhere); ``public``'s
@@ -220,11 +272,14 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
         """LAM_i (``i`` a module that ends a cascade): the trained copies in order, the twins'
         outputs added where they exist."""
         c = self._position[i]
-        for key, block in zip(self.twin_keys[c], self.copies[c]):
+        for n, (key, block) in enumerate(zip(self.twin_keys[c], self.copies[c])):
             twin = None if key is None else self.twins[key]
-            if self.recompute and torch.is_grad_enabled():
-                # keep only each block's input; its activations are rebuilt in the backward
-                z = checkpoint(_leap, block, twin, z, use_reentrant=False)
+            # the first leap (the copy and twin that read module i's output) keeps only its
+            # input where `_first_leaps_checkpointed` says, every leap with recompute; the
+            # activations are rebuilt in the backward pass
+            rerun = self.recompute or (n == 0 and c in self._rerun_first)
+            if rerun and torch.is_grad_enabled():
+                z = _leap_checkpointed(block, twin, z)
             else:
                 z = _leap(block, twin, z)
         return z

@@ -2,6 +2,11 @@
 every loss's gradient is routed back through the modules its cascade reaches, each module's
 graph freed at its last use; ``fuse`` takes each module's weight gradient in one pass,
 ``recompute`` keeps no module graph and runs a module again for each backward through it.
+
+What the step keeps is freed as early as the cascades allow: a cascade's LAM and head run
+before module i's independent head, whose gradient is then kept as the start of module i's
+summed output gradient (not beside it), and a cascade's gradient is dropped once no module
+below needs it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class MLAANStep:
         """Back-propagate a head-side loss to its detached leaf; the leaf's gradient returns."""
         self.trace.append(name)
         self._ctx.backward(loss)
-        return leaf.grad
+        grad, leaf.grad = leaf.grad, None
+        return grad
 
     def train_step(self, ctx: StepContext, net: SplitNetwork, images: Tensor,
                    targets: Tensor) -> StepResult:
@@ -50,6 +56,7 @@ class MLAANStep:
         # their parameters, so that their graph outlives this step's update
         late = self.late_modules(mine, K) if ctx.stage_mode == "async" else set()
         self._param_map: dict[int, list[Tensor]] = {}
+        lean = self.fuse and not self.recompute  # `_route_lean`: summed output gradients
         x, final, o = images, None, None
         for i in mine:
             module = net.local_modules[i]
@@ -70,6 +77,14 @@ class MLAANStep:
             ctx.leave(i, o)  # on to the next stage, before any backward through module i
             leaf = o.detach().requires_grad_()
             if i < K - 1:
+                c = self._position.get(i)
+                # the cascade's gradient at module i's output, in a list that `_route` empties
+                # (so that it is freed once no module below needs it)
+                routed: list[Tensor] = []
+                if c is not None:  # the LAM first, while module i has no gradient kept
+                    cascade = self.cascade_heads[c].loss(self.lam_forward(i, leaf), targets,
+                                                         images)
+                    routed.append(self._head_grad(f"cascade {i}", self.wy * cascade, leaf))
                 indep = leaf.new_zeros(())  # stays 0 without independent heads (MAN)
                 own = list(self.heads[i].parameters()) if self.independent else []
                 if self.independent:
@@ -79,23 +94,22 @@ class MLAANStep:
                     self._backward_module(net, f"independent {i}", i, pending[i], False, False,
                                           ins, outs)
                     pending[i] = None
-                c = self._position.get(i)
+                if lean:  # the start of module i's summed output gradient
+                    self._acc[i], pending[i] = pending[i], None
                 if c is None:  # ends no cascade: the independent loss alone, module i waits
                     ctx.grads_ready(own)
                     local.append((self.wx * indep).detach())
                     x = o.detach()
                     continue
-                leaf = o.detach().requires_grad_()
-                cascade = self.cascade_heads[c].loss(self.lam_forward(i, leaf), targets, images)
-                grad = self._head_grad(f"cascade {i}", self.wy * cascade, leaf)
                 ctx.grads_ready([*own, *self.cascade_heads[c].parameters(),
                                  *self.lam_parameters(c)])
                 local.append((self.wx * indep + self.wy * cascade).detach())
-                self._route(net, f"cascade {i}", i, grad, ins, outs, pending, mine.start)
+                self._route(net, f"cascade {i}", i, routed.pop(), ins, outs, pending,
+                            mine.start)
             else:
                 final = cross_entropy(leaf, targets)
-                grad = self._head_grad("final", final, leaf)
-                self._route(net, "final", i, grad, ins, outs, pending, mine.start)
+                self._route(net, "final", i, self._head_grad("final", final, leaf), ins, outs,
+                            pending, mine.start)
             x = o.detach()  # module i's graph lives in outs[i] only, freed there
         self._from_next_stage(net, mine, (ins, outs, pending, self._acc, o, self._param_map))
         self._public_twins(mine)  # twins=public_*: every backward done, the optimizer step not
@@ -111,7 +125,9 @@ class MLAANStep:
         max(0, i-k+1)..i, freeing each module's graph at its last use (on a pipelined stage,
         down to its first module ``bottom``; what goes on below is sent back)."""
         if self.fuse and not self.recompute:
-            back = self._route_lean(net, name, i, grad, ins, outs, pending, bottom=bottom)
+            box = [grad]
+            del grad  # `_route_lean` holds the only reference and frees it when it can
+            back = self._route_lean(net, name, i, box.pop(), ins, outs, pending, bottom=bottom)
             if back is not None:
                 self._ctx.send_back(back)
             return
@@ -168,8 +184,7 @@ class MLAANStep:
                         q.grad = c.grad if q.grad is None else q.grad + c.grad
                 ins[j] = outs[j] = acc[j] = None  # free module j's graph
                 self._ctx.grads_ready(list(net.local_modules[j].parameters()))
-            if go_on:
-                grad = g
+            grad = g if go_on else None  # not needed below module j: freed now
         return grad if start < bottom else None
 
     def _backward_module(self, net: SplitNetwork, name: str, j: int, grad: Tensor,
