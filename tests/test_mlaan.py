@@ -63,8 +63,9 @@ def test_single_forward_step_equals_naive_oracle(model, data):
     fuse = data.draw(st.booleans(), label="fuse")
     recompute = data.draw(st.booleans(), label="recompute")
     short = data.draw(st.booleans(), label="short_cascades")
+    leap = data.draw(st.sampled_from(["largest", "all", "none"]), label="checkpoint_leap")
     text = (f"mlaan(dgl, k={k}, p={p}, ema_blocks={which}, fuse={fuse}, recompute={recompute}, "
-            f"short_cascades={short})")
+            f"short_cascades={short}, checkpoint_leap={leap})")
     (rule, net, aux), (ref_rule, ref_net, ref_aux) = with_naive_twin(text, model, K)
     images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     rule.train_step(PlainContext(), net, images, targets)
@@ -94,6 +95,41 @@ def test_recompute_keeps_batchnorm_statistics_and_matches_the_kept_graphs():
     assert_same_grads(grads(net, aux), grads(net2, aux2))
     for b, c in zip(net.buffers(), net2.buffers()):
         assert torch.equal(b, c)
+
+
+def test_checkpointed_first_leaps_are_exact_and_lower_the_peak():
+    # the same step with every first leap checkpointed and with none: bitwise the same
+    # gradients and BatchNorm statistics (the copies' and twins' too: a leap run again for its
+    # backward puts its buffers back), and a lower peak of live tensors
+    from functools import partial
+
+    from localearn.measure import cpu_peak
+
+    images, targets = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
+    peak, got, stats = {}, {}, {}
+    for mode in ("all", "none"):
+        rule, net, aux = build(f"mlaan(dgl, checkpoint_leap={mode})", "resnet32", 8)
+        _, peak[mode] = cpu_peak(partial(rule.train_step, PlainContext(), net, images, targets))
+        got[mode] = grads(net, aux)
+        stats[mode] = [b.clone() for b in [*net.buffers(), *aux.buffers()]]
+    assert all((a is None and b is None) or torch.equal(a, b)
+               for a, b in zip(got["all"], got["none"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(stats["all"], stats["none"], strict=True))
+    assert peak["all"] < 0.95 * peak["none"], peak
+
+
+def test_checkpoint_leap_picks_the_cascades_beside_the_largest_graphs():
+    # ResNet-32 at K=16: modules 0..5 (the stem and stage 1) give the largest outputs, and the
+    # cascades that reach one of them (depth 3) end at modules 2..7
+    def chosen(text):
+        rule, _, _ = build(text, "resnet32", 16)
+        return sorted(rule.cascades[c] for c in rule._rerun_first)
+
+    assert chosen("mlaan(dgl)") == list(range(2, 8))
+    assert chosen("mlaan(dgl, checkpoint_leap=all)") == list(range(2, 15))
+    assert chosen("mlaan(dgl, checkpoint_leap=none)") == []
+    with pytest.raises(UserError, match="checkpoint_leap"):
+        expr.build("mlaan(dgl, checkpoint_leap=some)")
 
 
 def traced_reach(rule, net, aux):

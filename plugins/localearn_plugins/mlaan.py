@@ -39,8 +39,10 @@ later cascade needs it. ``recompute=true`` trades compute for memory: no module 
 module's first forward runs without one, and every backward pass through it runs it forward
 again from its kept input with the same random state, BatchNorm statistics put back afterwards),
 and each LAM block keeps only its input and is run again in its backward (activation
-checkpointing; a copy's BatchNorm statistics, unused outside training, are then updated twice).
-That costs up to k extra forwards of every module and one of every LAM. Fixed here against the
+checkpointing, its BatchNorm buffers put back afterwards). That costs up to k extra forwards of
+every module and one of every LAM. By default (``checkpoint_leap=largest``) only the first leap
+of the LAMs beside the largest module graphs is checkpointed that way, where the step's peak
+falls: one more forward of those leaps. Fixed here against the
 public code: every module's twin is updated by default (not only the last; ``twins=public_last``
 keeps the public CIFAR code's), no loss is discarded, every module i < K-1 has its independent
 loss, and the cascade depth is the paper's k.
@@ -128,7 +130,7 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
                  leaps: str | None = None, fuse: bool = True, recompute: bool = False,
                  short_cascades: bool = False, twins: TwinMode = "paper",
-                 checkpoint_leap: Literal["largest", "all", "none"] = "largest") -> None:
+                 checkpoint_leap: Literal["largest", "all"] | None = "largest") -> None:
         if not isinstance(base, HeadFactory):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
@@ -138,7 +140,7 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
             raise ValueError(f"p must be at least 0 (got {p})")
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"ema must lie in [0, 1] (got {ema})")
-        if checkpoint_leap not in ("largest", "all", "none"):
+        if checkpoint_leap not in ("largest", "all", None):  # ``none`` reads as None
             raise ValueError("checkpoint_leap must be one of largest, all, none (got "
                              f"{checkpoint_leap!r})")
         self.base, self.k, self.wx, self.wy = base, k, wx, wy
@@ -224,7 +226,7 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
         ``largest``, those that reach a module whose output has as many elements as the
         network's largest module output (their LAM runs beside the largest kept graphs, so
         the step's peak falls there); ``all`` every cascade, ``none`` none."""
-        if self.checkpoint_leap == "none":
+        if self.checkpoint_leap is None:
             return set()
         sizes = [math.prod(shape) for shape in net.feature_shapes]
         return {c for c, i in enumerate(self.cascades)
