@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,32 @@ class CheckpointValue:
 
 # the listing prints a class option's type by its name
 CheckpointValue.__name__ = CheckpointValue.__qualname__ = "none|unit|sqrt|N"
+
+SCHEDULES = ("one_f_one_b", "gpipe")
+
+
+def parse_schedule(value: Any) -> str | None:
+    """``bp``'s ``schedule`` option: None (no pipeline) or one of `SCHEDULES`; anything else
+    is a one-line `UserError` listing the valid values."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() in SCHEDULES:
+        return value.strip().lower()
+    raise UserError(f"bad value {value!r} for option 'schedule' of rule 'bp': valid values are "
+                    "none, one_f_one_b (torch's Schedule1F1B) or gpipe (ScheduleGPipe)")
+
+
+class ScheduleValue:
+    """The type of ``bp``'s ``schedule`` option (named after its values for the listing)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(parse_schedule)
+
+
+ScheduleValue.__name__ = ScheduleValue.__qualname__ = "none|one_f_one_b|gpipe"
 
 
 def segment_bounds(num_units: int, mode: str | int | None) -> list[int]:
@@ -135,10 +161,10 @@ class BP(UpdateRule):
     end_to_end = True  # --clip-grad clips the whole model's norm
 
     def __init__(self, checkpoint: CheckpointValue = None,  # type: ignore[assignment]
-                 schedule: Literal["one_f_one_b", "gpipe"] | None = None) -> None:
+                 schedule: ScheduleValue = None) -> None:  # type: ignore[assignment]
         super().__init__()
         self.checkpoint = parse_checkpoint(checkpoint)
-        self.schedule = schedule
+        self.schedule = parse_schedule(schedule)
         self._pipe: Any = None
 
     def num_modules(self, requested: int | None, num_units: int) -> int:
