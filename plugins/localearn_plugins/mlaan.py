@@ -130,7 +130,7 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
                  ema: float = 0.995, p: int = 4, ema_blocks: Literal["first", "all"] = "first",
                  leaps: str | None = None, fuse: bool = True, recompute: bool = False,
                  short_cascades: bool = False, twins: TwinMode = "paper",
-                 checkpoint_leap: Literal["largest", "all"] | None = "largest") -> None:
+                 checkpoint_leap: Literal["largest", "all", "off"] = "largest") -> None:
         if not isinstance(base, HeadFactory):
             raise ValueError(f"the base rule {getattr(base, 'expression', base)!r} has no "
                              "auxiliary heads; use a local rule such as dgl or infopro")
@@ -140,8 +140,8 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
             raise ValueError(f"p must be at least 0 (got {p})")
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"ema must lie in [0, 1] (got {ema})")
-        if checkpoint_leap not in ("largest", "all", None):  # ``none`` reads as None
-            raise ValueError("checkpoint_leap must be one of largest, all, none (got "
+        if checkpoint_leap not in ("largest", "all", "off"):
+            raise ValueError("checkpoint_leap must be one of largest, all, off (got "
                              f"{checkpoint_leap!r})")
         self.base, self.k, self.wx, self.wy = base, k, wx, wy
         self.ema, self.p, self.ema_blocks, self.fuse = ema, p, ema_blocks, fuse
@@ -225,8 +225,8 @@ class MLAAN(MLAANStep, MLAANStages, UpdateRule):
         """The cascades whose first leap keeps only its input (``checkpoint_leap``): with
         ``largest``, those that reach a module whose output has as many elements as the
         network's largest module output (their LAM runs beside the largest kept graphs, so
-        the step's peak falls there); ``all`` every cascade, ``none`` none."""
-        if self.checkpoint_leap is None:
+        the step's peak falls there); ``all`` every cascade, ``off`` none."""
+        if self.checkpoint_leap == "off":
             return set()
         sizes = [math.prod(shape) for shape in net.feature_shapes]
         return {c for c, i in enumerate(self.cascades)
