@@ -38,9 +38,10 @@ from localearn.analysis import (
     linear_probe,
     load_run,
 )
-from localearn.analysis.cli import add_commands, markdown_table
+from localearn.analysis.cli import markdown_table
 from localearn.analysis.features import Features, extract_features, make_loader
 from localearn.analysis.runs import DataInfo, DataSplits
+from localearn.cli.analyze import add_commands
 from localearn.errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localearn.cli.analyze import add_commands  # noqa: F401  (the parser, re-exported)
 from localearn.errors import UserError
 
 
