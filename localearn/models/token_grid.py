@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from localearn.errors import UserError
 from localearn.interfaces import AuxHead, Shape
 
 
@@ -46,6 +47,17 @@ def token_grid(net: nn.Module) -> TokenGrid | None:
     stem = units[0] if units else None
     grid = getattr(stem, "token_grid", None)
     return grid(net.input_shape) if callable(grid) else None
+
+
+def require_grid(grid: TokenGrid | None, who: str, needs: str, model: str,
+                 shape: Shape) -> TokenGrid:
+    """``grid``, or one `UserError` line: ``who`` (``needs`` a fixed patch grid) cannot train
+    ``model``, whose (T, D) boundaries of ``shape`` have none."""
+    if grid is None:
+        raise UserError(f"{who} cannot train model {model or 'this model'!r}: {needs}, and "
+                        f"this model's (T, D) boundaries {tuple(shape)} have no fixed patch "
+                        "grid (patch dropout?); turn patch dropout off or use dgl")
+    return grid
 
 
 class GridHead(AuxHead):

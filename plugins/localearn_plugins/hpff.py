@@ -37,7 +37,7 @@ from localearn.interfaces import (
     UpdateRule,
     cross_entropy,
 )
-from localearn.models.token_grid import TokenGrid, on_grid, token_grid
+from localearn.models.token_grid import TokenGrid, on_grid, require_grid, token_grid
 
 from .mlaan import MLAAN
 
@@ -126,13 +126,8 @@ class PatchFusion(LocalRule):
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         if len(shape) == 2:  # (T, D) tokens: the patches are cut from the patch grid
-            grid = self.grid
-            if grid is None:
-                raise UserError(f"patch fusion cannot train model "
-                                f"{self.model_name or 'this model'!r}: it cuts "
-                                "a feature map into patches, and this model's (T, D) "
-                                f"boundaries {tuple(shape)} have no fixed patch grid (patch "
-                                "dropout?); turn patch dropout off or use dgl")
+            grid = require_grid(self.grid, "patch fusion", "it cuts a feature map into "
+                                "patches", self.model_name, shape)
             inner = PatchHead(self.base, index, num_modules, grid.map_shape(shape), info,
                               self.patches)
             return on_grid(inner, grid, shape)

@@ -30,7 +30,7 @@ from torch import nn
 
 from localearn.errors import UserError
 from localearn.interfaces import AuxHead, DataInfo, LocalRule, Shape, SplitNetwork
-from localearn.models.token_grid import TokenGrid, on_grid, token_grid
+from localearn.models.token_grid import TokenGrid, on_grid, require_grid, token_grid
 from localearn_plugins.infopro_heads import (  # noqa: F401  (re-exported)
     HEAD_PATTERN,
     Decoder,
@@ -237,13 +237,8 @@ class InfoPro(LocalRule):
 
     def make_head(self, index: int, num_modules: int, shape: Shape, info: DataInfo) -> AuxHead:
         if len(shape) == 2:  # (T, D) tokens: the decoder and classifier see the patch grid
-            grid = self.grid
-            if grid is None:
-                raise UserError(f"rule 'infopro' cannot train model "
-                                f"{self.model_name or 'this model'!r}: its "
-                                "decoder needs the patch tokens on a fixed grid, and this "
-                                f"model's (T, D) boundaries {tuple(shape)} have none (patch "
-                                "dropout, or no patch grid); turn patch dropout off or use dgl")
+            grid = require_grid(self.grid, "rule 'infopro'", "its decoder needs the patch "
+                                "tokens on a fixed grid", self.model_name, shape)
             return on_grid(self.make_head(index, num_modules, grid.map_shape(shape), info),
                            grid, shape)
         self.dataset = identify_dataset(info)
