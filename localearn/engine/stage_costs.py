@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from localearn.interfaces import PlainContext, SplitNetwork, UpdateRule
+from localearn.partition import min_max_cuts
 
 #: rounds of timing (after the untimed one): ResNet-32 K=16 at batch 128 takes about a second a
 #: round on one CPU thread
@@ -29,30 +30,11 @@ ROUNDS = 5
 
 def balance(costs: list[float], stages: int) -> list[int]:
     """Contiguous groups of modules with the smallest largest-group cost; the modules where
-    groups 1.. start."""
-    k = len(costs)
-    if not 1 <= stages <= k:
-        raise ValueError(f"cannot make {stages} stages of {k} modules")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][i]: smallest max cost splitting modules 0..i-1 into s groups; cut[s][i]: its last
-    # group's start
-    best = [[inf] * (k + 1) for _ in range(stages + 1)]
-    cut = [[0] * (k + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, k + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    starts, i = [], k
-    for s in range(stages, 0, -1):
-        i = cut[s][i]
-        starts.append(i)
-    return sorted(starts)[1:]
+    groups 1.. start (equal splits: the earliest cuts)."""
+    try:
+        return min_max_cuts(costs, stages)
+    except ValueError:
+        raise ValueError(f"cannot make {stages} stages of {len(costs)} modules") from None
 
 
 def cuda_sync() -> None:

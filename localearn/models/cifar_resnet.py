@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from localearn.errors import UserError
 from localearn.interfaces import LocalModuleSplitter
 from localearn.network import SplitNetwork
+from localearn.partition import min_max_cuts
 
 __all__ = ["BasicBlock", "CifarResNet", "CifarResNetSplitter", "init_weights", "resnet32",
            "resnet110"]
@@ -210,37 +211,6 @@ def balanced_cuts(costs: list[int], k: int) -> list[int]:
     """Cuts grouping units with ``costs`` into ``k`` modules so that the costliest module is as
     cheap as possible; among such splits, the one whose cuts come earliest (later modules take
     as many of the cheap late units as the bound allows)."""
-    n = len(costs)
-    if not 1 <= k <= n:
-        raise UserError(f"K={k} is out of range: valid K is 1..{n}")
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    bounds = sorted({prefix[b] - prefix[a] for a in range(n) for b in range(a + 1, n + 1)})
-    lo, hi = 0, len(bounds) - 1  # the total cost (bounds[-1]) is always feasible
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _pack_from_back(costs, k, bounds[mid]) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    found = _pack_from_back(costs, k, bounds[lo])
-    assert found is not None
-    return found
-
-
-def _pack_from_back(costs: list[int], k: int, limit: int) -> list[int] | None:
-    """Fill modules K-1, K-2, ... with as many units as fit under ``limit``, leaving at least
-    one unit per earlier module; the module start indices, or None when ``limit`` is too low."""
-    starts: list[int] = []
-    end = len(costs)
-    for m in range(k - 1, 0, -1):
-        start, total = end, 0
-        while start - 1 >= m and total + costs[start - 1] <= limit:
-            start -= 1
-            total += costs[start]
-        if start == end:
-            return None
-        starts.append(start)
-        end = start
-    return starts[::-1] if sum(costs[:end]) <= limit else None
+    if not 1 <= k <= len(costs):
+        raise UserError(f"K={k} is out of range: valid K is 1..{len(costs)}")
+    return min_max_cuts(costs, k)
