@@ -1,4 +1,6 @@
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,30 @@ def cifar_shards() -> Path:
             pytest.fail(f"CIFAR-10 shards missing at {SHARDS} (CI must provide ../shared)")
         pytest.skip(f"CIFAR-10 shards not found at {SHARDS}")
     return SHARDS
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: kernels sum in one order (exact comparisons), and no thread
+    contention on a shared 2-core machine."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """``one_thread`` for a whole test module (``pytestmark = usefixtures(...)``)."""
+    with _torch_threads(1):
+        yield

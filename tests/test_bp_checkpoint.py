@@ -22,15 +22,6 @@ SIZE = 32  # the smallest input every backbone takes (timm's stems divide it by 
 INFO = DataInfo(10, (3, SIZE, SIZE), (0.5,) * 3, (0.25,) * 3)
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread: the kernels then sum in one order, so a recomputation is bitwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _state(run) -> dict[str, torch.Tensor]:
     """Every gradient, parameter and buffer of the run's network (live, not copied)."""
     out = {f"grad:{n}": p.grad for n, p in run.net.named_parameters()}

@@ -29,6 +29,7 @@ from localearn.measure import (
 )
 from localearn.outputs import PNG_MAGIC
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread
 TINY = ["--model", "resnet32", "--k", "2", "--batch-size", "8", "--device", "cpu",
         "--memory-steps", "1", "--warmup", "0", "--steps", "1"]
 
@@ -38,17 +39,6 @@ def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR", path
     return struct.unpack(">II", data[16:24])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads wait on each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -217,10 +217,11 @@ def test_options_and_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule,K,epochs", [("mlaan(dgl)", 8, 3)])
+@pytest.mark.parametrize("rule,K,epochs", [("mlaan(dgl)", 4, 3)])
 def test_trains_on_digits_above_90_percent(rule, K, epochs, tmp_path):
-    # ResNet-32, the embedded digits set, batch 64 (K=8 where LAMs make K=16 slow on 2 CPU
-    # cores). Measured in 3-epoch runs: mlaan(dgl) 98.0%, mlm(dgl) 94.4%, lam(dgl) 91.1%. The
+    # ResNet-32, the embedded digits set, batch 64 (K=4 where LAMs make K=16 slow on 2 CPU
+    # cores). Measured: mlaan(dgl) 10.2%, 82.0%, 98.0% after epochs 1-3 at K=4; at K=8 in
+    # 3-epoch runs, mlaan(dgl) 98.0%, mlm(dgl) 94.4%, lam(dgl) 91.1%. The
     # ablations mlm and lam run parts of mlaan's step, whose gradients the float64 oracles
     # check exactly; their training runs (about 4.5 CPU-minutes) are left to the results.
     cfg = make_config(rule=rule, k=K, epochs=epochs, batch_size=64, lr=0.05, progress=False,

@@ -7,15 +7,15 @@ from localearn.engine import fit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule,epochs", [("bp", 3)])
-def test_digits_above_90_percent(rule, epochs, tmp_path):
-    # ResNet-32, the embedded digits set, batch 64. A 3-epoch run measured 14.7%, 75.1% and
-    # 97.1% after epochs 1-3 (a shorter run anneals sooner). DGL's K=16 run on real data is the
-    # CIFAR-10 one below (on digits it reached 96.2% after 6 epochs).
+@pytest.mark.parametrize("rule,epochs", [("bp", 2)])
+def test_digits_well_above_chance(rule, epochs, tmp_path):
+    # ResNet-32, the embedded digits set (450 test images), batch 64. Measured: 12.2% and
+    # 81.6% after epochs 1-2 of a 2-epoch run (97.1% after 3 epochs). Chance is 10%, the bar
+    # 70%. DGL's K=16 run on real data is the CIFAR-10 one below.
     cfg = make_config(rule=rule, epochs=epochs, batch_size=64, lr=0.05, progress=False,
                       output_dir=tmp_path)
     result = fit(cfg)
-    assert result.test_acc > 0.90, result.history
+    assert result.test_acc > 0.70, result.history
 
 
 @pytest.mark.slow

@@ -21,17 +21,10 @@ from localearn.models.timm_vit import TimmViTSplitter
 from localearn.models.token_grid import GridHead, token_grid
 from localearn.testing import check_isolation
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread
 SHAPE = (3, 32, 32)
 INFO = DataInfo(10, SHAPE, (0.5,) * 3, (0.25,) * 3)
 TINY_VIT = dict(patch_size=8, depth=4, embed_dim=32, num_heads=2)  # a 4x4 grid, 4 blocks
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_vit(num_classes: int = 10, input_shape: tuple[int, int, int] = SHAPE) -> nn.Module:

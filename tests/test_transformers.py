@@ -19,21 +19,13 @@ from localearn.models.timm_swin import TimmSwinSplitter
 from localearn.models.timm_vit import TimmViTSplitter
 from localearn.testing import check_isolation
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread
 SHAPE = (3, 32, 32)
 INFO = DataInfo(10, SHAPE, (0.5,) * 3, (0.25,) * 3)
 VIT = "vit_tiny_patch16_224"  # timm names; the sizes below shrink them (fast on 2 cores)
 SWIN = "swin_tiny_patch4_window7_224"
 TINY_VIT = dict(patch_size=8, depth=4, embed_dim=32, num_heads=2)  # 16 patches, 4 blocks
 TINY_SWIN = dict(window_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2))  # 4 blocks
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: exact float sums, and no thread contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(num_classes: int = 10, input_shape: tuple[int, int, int] = SHAPE):
