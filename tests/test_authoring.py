@@ -180,3 +180,26 @@ def test_check_isolation_refuses_a_wrong_step_result():
     with pytest.raises(UserError, match="train_step returned Tensor, expected a "
                                         "localearn.StepResult"):
         check_isolation(TupleStep(), k=2)
+
+
+def test_checking_a_steps_result_reads_no_entry_points(monkeypatch):
+    # naming the rule's package reads every installed entry point (milliseconds): only an
+    # error line may do it, never the check of every training step
+    import torch
+
+    from localearn import expr, registry
+    from localearn.engine.step import check_step_result
+    from localearn.errors import UserError
+
+    def no_scan(**kw):
+        raise AssertionError("entry points read while checking a step")
+
+    rule = expr.build("dgl")
+    targets = torch.zeros(4, dtype=torch.long)
+    good = StepResult(loss=torch.tensor(1.0), logits=torch.zeros(4, 10), local_losses=[])
+    monkeypatch.setattr(registry, "entry_points", no_scan)
+    assert check_step_result(rule, good, targets) is good
+    monkeypatch.undo()
+    bad = StepResult(loss=torch.tensor(1.0), logits=torch.zeros(3, 10), local_losses=[])
+    with pytest.raises(UserError, match=r"rule 'dgl' \(localearn_plugins\.dgl\.DGL"):
+        check_step_result(rule, bad, targets)

@@ -120,22 +120,27 @@ def check_step_result(rule: UpdateRule, result: object, targets: Tensor,
     """``result`` when it is a `StepResult` whose logits are one row per image (None on a
     pipelined stage without the last module); else a one-line `UserError` naming the rule and
     what ``train_step`` must return."""
-    from localearn.registry import plugin_name
-
-    who = f"rule {rule.expression!r} ({plugin_name(rule)})"
-    want = ("localearn.StepResult(loss=..., logits=..., local_losses=[...]) holding detached "
-            "tensors")
     if not isinstance(result, StepResult):
-        raise UserError(f"{who}: train_step returned {type(result).__name__}, expected a "
-                        f"{want}")
+        raise UserError(f"{_who(rule)}: train_step returned {type(result).__name__}, expected "
+                        "a localearn.StepResult(loss=..., logits=..., local_losses=[...]) "
+                        "holding detached tensors")
     logits = result.logits
     if logits is None and not holds_last:
         return result
     if not isinstance(logits, Tensor) or logits.dim() != 2 or len(logits) != len(targets):
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise UserError(f"{who}: train_step's StepResult.logits is {got}, expected the final "
-                        f"classifier's logits, a tensor of shape ({len(targets)}, classes)")
+        raise UserError(f"{_who(rule)}: train_step's StepResult.logits is {got}, expected the "
+                        "final classifier's logits, a tensor of shape "
+                        f"({len(targets)}, classes)")
     return result
+
+
+def _who(rule: UpdateRule) -> str:
+    """The rule as error lines name it (reads the installed entry points: errors only, never
+    on every step)."""
+    from localearn.registry import plugin_name
+
+    return f"rule {rule.expression!r} ({plugin_name(rule)})"
 
 
 def step_stats(result: StepResult, targets: Tensor, offset: int = 0, slots: int | None = None,
