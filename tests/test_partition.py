@@ -36,14 +36,18 @@ def test_the_smallest_largest_group_and_the_earliest_cuts_among_equals():
             assert min_max_cuts(costs, groups) == want, (costs, groups)
 
 
-def test_float_costs_reach_the_optimum():
+@pytest.mark.parametrize("cut", [min_max_cuts, balance])
+def test_float_costs_reach_the_optimum(cut):
+    # stage cuts by time: float costs, `balance` as the pipeline calls it
     rng = random.Random(1)
     for _ in range(50):
-        n = rng.randint(2, 8)
-        costs = [rng.uniform(0.0, 3.0) for _ in range(n)]
+        n = rng.randint(2, 9)
+        costs = [rng.uniform(0.0, 5.0) for _ in range(n)]
         for groups in range(1, n + 1):
+            starts = cut(costs, groups)
+            assert len(starts) == groups - 1 and starts == sorted(set(starts))
             best = min(largest(costs, c) for c in every_split(n, groups))
-            assert largest(costs, min_max_cuts(costs, groups)) == pytest.approx(best)
+            assert largest(costs, starts) == pytest.approx(best)
 
 
 def test_both_users_share_it_and_name_their_own_errors():

@@ -1,14 +1,12 @@
 """Pipelined training (``fit --stages N``): a run of a purely local rule split into stages, one
 process each, ends bitwise equal to the one-process run (one thread per process); resume after
 SIGKILL is exact; a stage that dies stops the others with one line; bad stage settings are one
-line. The cuts balancer is checked against brute force."""
+line. The cuts balancer is checked against brute force in test_partition.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import torch
 
 from localearn import expr, registry
 from localearn.cli import main
-from localearn.engine.stages import balance, check_pipelinable, parse_stage_cuts
+from localearn.engine.stages import check_pipelinable, parse_stage_cuts
 from localearn.errors import SameOnEveryRank
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,21 +100,6 @@ def same_runs(a: Path, b: Path) -> None:
     assert [{k: r[k] for k in keys} for r in x["history"]] == \
         [{k: r[k] for k in keys} for r in y["history"]]
     assert x["step"] == y["step"]
-
-
-def test_balance_is_the_best_contiguous_split():
-    rng = random.Random(0)
-    for _ in range(30):
-        k = rng.randint(2, 9)
-        costs = [rng.uniform(0.1, 5.0) for _ in range(k)]
-        for n in range(1, k + 1):
-            starts = balance(costs, n)
-            assert len(starts) == n - 1 and starts == sorted(set(starts))
-            bounds = [0, *starts, k]
-            got = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
-            best = min(max(sum(costs[a:b]) for a, b in zip([0, *cut], [*cut, k]))
-                       for cut in itertools.combinations(range(1, k), n - 1))
-            assert got == pytest.approx(best)
 
 
 @pytest.mark.parametrize("text, why", [
