@@ -25,6 +25,7 @@ from torch import nn
 from localearn import distributed as dist_
 from localearn import expr, registry
 from localearn.config import FitConfig
+from localearn.cpu_memory import keep_freed_memory
 from localearn.data import DataSplits
 from localearn.engine.parallel import DataParallel, Single
 from localearn.engine.recipe import WeightEma, make_step_recipe
@@ -174,6 +175,8 @@ def build_run(cfg: FitConfig, *, info: DataInfo | None = None, device: torch.dev
     Python API's) in place of building ``cfg.rule``."""
     env = env or dist_.DistEnv()
     device = device or resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if cfg.precision == "16" and device.type == "cpu":
         _check_cpu_fp16()
     if cfg.sync_bn and env.enabled and device.type != "cuda":

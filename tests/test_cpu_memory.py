@@ -1,0 +1,44 @@
+"""Freed CPU memory is kept for reuse (glibc): a local rule's steps stop faulting their
+activations' pages in afresh."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# dgl frees each module's activations after its backward pass and refills them next step
+STEPS = """
+import resource, torch
+from localearn import cpu_memory
+from localearn.build import build_run
+from localearn.config import FitConfig
+from localearn.interfaces import DataInfo
+run = build_run(FitConfig(rule="dgl", model="resnet32", k=16, batch_size=32),
+                device=torch.device("cpu"), info=DataInfo(10, (3, 32, 32), (0.5,) * 3, (0.5,) * 3))
+x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+run.step(x, y)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    run.step(x, y)
+print(cpu_memory._applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(malloc: str) -> tuple[str, int]:
+    env = dict(os.environ, LOCALEARN_MALLOC=malloc, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", STEPS], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux")
+def test_a_local_rules_steps_reuse_their_memory():
+    applied, kept = _faults("keep")  # build_run applies the settings on the CPU
+    untouched, system = _faults("system")
+    assert (applied, untouched) == ("True", "False")
+    # measured: about 60,000 minor page faults in 3 steps with glibc's defaults, 4,000 kept
+    assert system > 20_000, system
+    assert kept < system / 5, (kept, system)
