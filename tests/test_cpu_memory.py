@@ -42,3 +42,14 @@ def test_a_local_rules_steps_reuse_their_memory():
     # measured: about 60,000 minor page faults in 3 steps with glibc's defaults, 4,000 kept
     assert system > 20_000, system
     assert kept < system / 5, (kept, system)
+
+
+def test_a_bad_choice_is_one_line():
+    env = dict(os.environ, LOCALEARN_MALLOC="jemalloc", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "localearn", "bench", "--steps", "1",
+                           "--vs", "none", "--warmup", "0"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "localearn: error: invalid LOCALEARN_MALLOC='jemalloc': valid: keep (the default: freed "
+        "CPU memory is kept for reuse) or system (glibc's own settings)"]
