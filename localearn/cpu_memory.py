@@ -3,8 +3,8 @@
 A local rule frees each module's activations as soon as that module's backward pass is done,
 so the top of the C heap empties and refills many times per step. With glibc's defaults the
 allocator hands that memory back to the system (trim) and maps large blocks afresh (mmap), and
-every page of it is faulted in and zeroed again at the next use: 60,000 to 80,000 page faults
-per step for ``dgl`` on ResNet-32 at batch 128, a sixth of its step time. End-to-end BP holds its
+every page of it is faulted in and zeroed again at the next use: about 55,000 page faults per
+step for ``dgl`` on ResNet-32 at batch 128, 14% of its step time. End-to-end BP holds its
 activations until the backward pass and loses little either way.
 
 `keep_freed_memory` sets three glibc options once per process (`mallopt`): heap memory is
